@@ -1,0 +1,1 @@
+"""The `charrnn` command line: one entry point over pipeline/, training/ and deploy/."""

@@ -1,0 +1,30 @@
+"""Where a command's Ray work runs: a local Ray started in-process (the default) or a cluster."""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+
+def add_address_option(parser) -> None:
+    parser.add_argument(
+        "--address", default=None,
+        help="Ray cluster to join: 'auto' (the cluster this machine belongs to), 'ray://HOST:10001', "
+             "or HOST:PORT. Default: start a local Ray in this process, using this machine's cores.",
+    )
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs for the local Ray (default: all of this machine's); ignored with --address")
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> None:
+    """Start or join Ray once per process; quiet unless something goes wrong."""
+    if ray.is_initialized():
+        return
+    # Inside `ray job submit` the job's driver already knows its cluster.
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
+    if address is None:
+        kwargs.update(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+    ray.init(address=address, **kwargs)
