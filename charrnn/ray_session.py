@@ -26,5 +26,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         address = os.environ["RAY_ADDRESS"]
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
     if address is None:
+        # "local" starts a fresh Ray even if a `ray start` cluster runs on this machine.
+        address = "local"
         kwargs.update(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
     ray.init(address=address, **kwargs)

@@ -1,0 +1,8 @@
+"""Networks and the model folder. Imports only torch, numpy, safetensors and the standard library
+(never Ray, never another folder of this repo), so a model runs wherever PyTorch does."""
+from .charrnn import CharRNN, ModelConfig, detach_state, reset_state_rows
+from .folder import ModelFolderError, load_model, save_model
+from .sampling import sample_next
+
+__all__ = ["CharRNN", "ModelConfig", "detach_state", "reset_state_rows", "ModelFolderError",
+           "load_model", "save_model", "sample_next"]

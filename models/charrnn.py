@@ -1,0 +1,102 @@
+"""The character-level recurrent language model: token ids -> embedding -> stacked LSTM/GRU/RNN ->
+dropout -> linear head over the vocabulary.
+
+The classic recipe feeds one-hot vectors into nn.LSTM(n_chars, ...). An embedding of width
+vocab_size is the same function (one-hot @ W_ih is a row of W_ih, and an identity embedding makes
+them equal exactly) without building the one-hot tensor, so it is the default width."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+# LSTM: (h, c), each [layers, batch, hidden]; GRU and RNN: h alone.
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true must not pass as 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    cell: str = "lstm"
+    layers: int = 2
+    hidden: int = 512
+    dropout: float = 0.5
+    embedding_dim: int | None = None  # None: vocab_size, the capacity of the one-hot input
+
+    def __post_init__(self):
+        for name in ("vocab_size", "layers", "hidden"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"model {name} must be a positive integer, got {value!r}")
+        if self.embedding_dim is not None and (not _is_int(self.embedding_dim) or self.embedding_dim < 1):
+            raise ValueError(f"model embedding_dim must be a positive integer or null, got {self.embedding_dim!r}")
+        if self.cell not in CELLS:
+            raise ValueError(f"model cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model dropout must be a number in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))  # JSON may hand us 0 for 0.0
+
+    @property
+    def input_dim(self) -> int:
+        return self.vocab_size if self.embedding_dim is None else self.embedding_dim
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "ModelConfig":
+        if not isinstance(obj, dict):
+            raise ValueError(f"model config must be a JSON object, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"model config has unknown keys: {', '.join(unknown)}")
+        if "vocab_size" not in obj:
+            raise ValueError("model config lacks vocab_size")
+        return cls(**obj)
+
+
+class CharRNN(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.input_dim)
+        # torch applies `dropout` only between layers, and warns when there is no "between".
+        between = config.dropout if config.layers > 1 else 0.0
+        self.rnn = CELLS[config.cell](config.input_dim, config.hidden, num_layers=config.layers,
+                                      dropout=between, batch_first=True)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden, config.vocab_size)
+
+    def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """ids [batch, time] -> (logits [batch, time, vocab], state after the last step).
+        `state` None starts from zeros."""
+        out, state = self.rnn(self.embedding(ids), state)
+        return self.head(self.dropout(out)), state
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> State:
+        """The zero state, on the model's device and in its dtype unless `device` says otherwise."""
+        weight = self.head.weight
+        h = torch.zeros(self.config.layers, batch, self.config.hidden, dtype=weight.dtype,
+                        device=weight.device if device is None else device)
+        return (h, torch.zeros_like(h)) if self.config.cell == "lstm" else h
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph behind `state`, for truncated backpropagation through time."""
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+def reset_state_rows(state: State, mask: torch.Tensor) -> State:
+    """Zero the state of the batch rows where `mask` [batch] is true (their streams start a new
+    text run), keeping the others. Returns new tensors: the old ones may still be in the graph."""
+    if isinstance(state, tuple):
+        return tuple(reset_state_rows(s, mask) for s in state)
+    return state.masked_fill(mask.to(state.device, torch.bool).view(1, -1, 1), 0.0)

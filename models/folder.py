@@ -1,0 +1,146 @@
+"""The model folder (docs/contracts.md, section 2): config.json next to model.safetensors.
+
+JSON and safetensors rather than a pickled checkpoint: loading runs no code from the file, and the
+tensors are saved on the CPU, so a model trained on a GPU loads on any machine with PyTorch."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .charrnn import CharRNN, ModelConfig
+
+FORMAT = "charrnn-model"
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+class ModelFolderError(ValueError):
+    """A model folder that is missing, or that this version cannot read."""
+
+
+def save_model(model: torch.nn.Module, config: ModelConfig, vocab: dict, path: str | os.PathLike,
+               info: dict | None = None) -> None:
+    """Write `model`'s weights, `config`, the dataset's `vocab` JSON and free-form `info` (step,
+    val_loss, ...) to the folder `path`, replacing a model folder already there.
+
+    Everything goes to a hidden sibling first, config.json last, which then takes `path`'s place
+    by renames: an interrupted save leaves the old folder (or none), never a half-written one."""
+    path = Path(path)
+    _check_vocab(vocab, config, path)
+    state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    _check_weights({name: t.shape for name, t in state.items()}, config, path)
+    # Serialized before anything touches the disk, so a value JSON cannot hold fails early.
+    text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_json(),
+                       "vocab": vocab, "info": info or {}}, indent=1)
+    if path.exists() and not _replaceable(path):
+        raise ModelFolderError(f"{path} exists and is not a {FORMAT} folder; refusing to replace it")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:12]}")
+    staging.mkdir()
+    try:
+        save_file(state, staging / WEIGHTS, metadata={"format": FORMAT})
+        (staging / CONFIG).write_text(text, encoding="utf-8")
+        _publish(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replaceable(path: Path) -> bool:
+    """An empty folder or a model folder of any version: never someone's other files."""
+    if not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        return json.loads((path / CONFIG).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _publish(staging: Path, path: Path) -> None:
+    """Move `staging` to `path`. POSIX cannot rename onto a non-empty folder, so the old one steps
+    aside first and comes back if the second rename fails."""
+    if not path.exists():
+        staging.rename(path)
+        return
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
+    path.rename(old)
+    try:
+        staging.rename(path)
+    except BaseException:
+        old.rename(path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"
+               ) -> tuple[CharRNN, ModelConfig, dict, dict]:
+    """Read the model folder `path` -> (model on `device` in eval mode, config, vocab, info)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"model folder {path} does not exist" if not path.exists()
+                               else f"{path} is not a folder, so not a model folder")
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise ModelFolderError(f"{path} is not a model folder: {name} is missing")
+    try:
+        meta = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFolderError(f"{path / CONFIG} is not readable JSON: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ModelFolderError(f"{path / CONFIG} is not a {FORMAT} config (format {found!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelFolderError(f"{path} was written by format version {meta.get('format_version')}; "
+                               f"this charrnn reads version {FORMAT_VERSION}")
+    try:
+        config = ModelConfig.from_json(meta.get("model"))
+    except (TypeError, ValueError) as err:
+        raise ModelFolderError(f"{path / CONFIG}: {err}") from None
+    vocab, info = meta.get("vocab"), meta.get("info", {})
+    _check_vocab(vocab, config, path)
+    if not isinstance(info, dict):
+        raise ModelFolderError(f"{path / CONFIG}: info must be a JSON object")
+
+    try:
+        state = load_file(path / WEIGHTS)
+    except (OSError, SafetensorError) as err:
+        raise ModelFolderError(f"{path / WEIGHTS} is not a readable safetensors file: {err}") from None
+    _check_weights({name: t.shape for name, t in state.items()}, config, path)
+    model = CharRNN(config)
+    model.load_state_dict(state)
+    return model.to(device).eval(), config, vocab, info
+
+
+def _check_vocab(vocab, config: ModelConfig, path: Path) -> None:
+    """The vocabulary is the dataset's business; here it only has to fit the model's ids."""
+    if not isinstance(vocab, dict) or not isinstance(vocab.get("chars"), str) \
+            or not isinstance(vocab.get("unknown_id"), int):
+        raise ModelFolderError(f"{path}: vocab must be a JSON object with chars (a string) and unknown_id")
+    if max(len(vocab["chars"]), vocab["unknown_id"]) >= config.vocab_size:
+        raise ModelFolderError(f"{path}: vocab has ids up to {max(len(vocab['chars']), vocab['unknown_id'])} "
+                               f"but the model's vocab_size is {config.vocab_size}")
+
+
+def _check_weights(shapes: dict[str, torch.Size], config: ModelConfig, path: Path) -> None:
+    with torch.device("meta"):  # shapes only: no memory, no initialization
+        expected = {name: t.shape for name, t in CharRNN(config).state_dict().items()}
+    problems = []
+    if missing := sorted(expected.keys() - shapes.keys()):
+        problems.append(f"missing {', '.join(missing)}")
+    if unexpected := sorted(shapes.keys() - expected.keys()):
+        problems.append(f"unexpected {', '.join(unexpected)}")
+    problems += [f"{name} is {list(shapes[name])}, the config needs {list(shape)}"
+                 for name, shape in expected.items() if name in shapes and shapes[name] != shape]
+    if problems:
+        raise ModelFolderError(f"{path}: weights do not match the model config: {'; '.join(problems)}")
