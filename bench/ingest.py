@@ -96,12 +96,12 @@ class TextGenerator:
         self.rng = rng
 
     def chunk(self, size: int) -> bytes:
-        """About `size` bytes (at least 1) of whole lines."""
+        """`size` bytes (at least 1): lines, the last one maybe cut short."""
         parts, total = [], 0
         while total < size:
             start = int(self.line_starts[self.rng.integers(0, self.line_starts.size)])
             end = self.pool.rfind(b"\n", start, start + int(self.rng.integers(2**12, 2**17))) + 1
-            end = end if end > start else start + 1
+            end = min(max(end, start + 1), start + size - total)
             parts.append(self.pool[start:end])
             total += end - start
         return b"".join(parts)

@@ -37,7 +37,8 @@ def sample_next(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=1.0,
 
     `temperature`, `top_k` and `top_p` are each a scalar or one value per row (a tensor [batch]).
     temperature 0 picks the most likely token; top_k None or 0 keeps every token; top_p 1.0 keeps
-    the whole distribution, otherwise the most likely tokens whose mass first reaches top_p.
+    the whole distribution, otherwise the most likely tokens whose mass first reaches top_p (of
+    what top-k kept).
     `generator`: None (torch's global one), one torch.Generator for the batch, or one per row."""
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
@@ -64,9 +65,14 @@ def sample_next(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=1.0,
     probs = sorted_logits.softmax(dim=1)
     rank = torch.arange(vocab, device=device)
     k = torch.where(top_k == 0, vocab, top_k.clamp(max=vocab))
-    # Keep a token while the mass before it is short of top_p: the first token always stays.
-    keep = (rank < k.unsqueeze(1)) & (probs.cumsum(dim=1) - probs < top_p.unsqueeze(1))
+    probs = probs * (rank < k.unsqueeze(1))
+    cdf = probs.cumsum(dim=1)
+    # top-p acts on what top-k left (as in Hugging Face's order): keep a token while the mass
+    # before it is short of top_p of that total, so the first token always stays. A token whose
+    # probability underflowed to 0 is dropped too, so the clamp below can never land on it.
+    keep = (cdf - probs < top_p.unsqueeze(1) * cdf[:, -1:]) & (probs > 0)
     cdf = (probs * keep).cumsum(dim=1)
+    # The first cdf entry above u * total; a dropped token adds no width, so it is never picked.
     pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
     # u * total can round up to the total itself; the last kept token owns that end.
     pick = pick.clamp(max=keep.sum(dim=1, keepdim=True) - 1)

@@ -76,6 +76,7 @@ def prepare(inputs: list[str], out: str, options: PrepareOptions = PrepareOption
     sources = expand_inputs(inputs) if inputs else default_corpus()
     out_fs, out_path = resolve_filesystem(out)
     _check_replaceable(out_fs, out_path, out)
+    _delete_leftovers(out_fs, out_path)
     before_ray()
 
     total_mb = sum(s.size for s in sources) / 1e6
@@ -305,6 +306,14 @@ def _publish(fs: pafs.FileSystem, staging: str, out_path: str) -> None:
     fs.move(staging, out_path)
     if old:
         _delete_quietly(fs, old)
+
+
+def _delete_leftovers(fs: pafs.FileSystem, out_path: str) -> None:
+    """Staging folders of runs that were killed before they could clean up."""
+    parent, _, name = out_path.rstrip("/").rpartition("/")
+    for info in fs.get_file_info(pafs.FileSelector(parent or "/", allow_not_found=True)):
+        if info.base_name.startswith((f".{name}.partial-", f".{name}.old-")):
+            _delete_quietly(fs, info.path)
 
 
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:

@@ -1,0 +1,107 @@
+"""charrnn prepare / verify as a user runs them: real processes, exit codes, one-line errors."""
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO, error_line, run_cli
+
+
+def test_help_explains_every_option():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "prepare" in result.stdout and "verify" in result.stdout
+    help_text = run_cli("prepare", "--help").stdout
+    for option in ("--out", "--min-count", "--max-vocab", "--val-fraction", "--run-length", "--range-mb",
+                   "--errors", "--address", "--num-cpus", "INPUT"):
+        assert option in help_text
+
+
+def test_prepare_prints_a_summary_and_verify_checks_it(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("All happy families are alike.\n" * 300)
+    result = run_cli("prepare", tmp_path / "c", "--out", tmp_path / "ds", "--run-length", "500", "--num-cpus", "2")
+    assert result.returncode == 0, result.stderr
+    for word in ("files", "MB/s", "characters", "vocabulary", "shards"):
+        assert word in result.stdout
+    assert "pass 1/2" in result.stderr and "pass 2/2" in result.stderr  # progress
+    ok = run_cli("verify", tmp_path / "ds")
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    shard = tmp_path / "ds" / manifest["splits"]["train"]["shards"][0]["path"]
+    payload = bytearray(shard.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF
+    shard.write_bytes(bytes(payload))
+    bad = run_cli("verify", tmp_path / "ds")
+    assert bad.returncode == 1 and "checksum mismatch" in bad.stderr and shard.name in bad.stderr
+
+
+def test_errors_are_one_line_with_nonzero_exit(tmp_path):
+    assert "input not found: nope.txt" in error_line(run_cli("prepare", "nope.txt", "--out", tmp_path / "ds"))
+    assert "--val-fraction" in error_line(run_cli("prepare", "x", "--out", tmp_path / "ds", "--val-fraction", "1.5"))
+    assert "not a prepared dataset" in error_line(run_cli("verify", tmp_path))
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
+    line = error_line(run_cli("prepare", tmp_path / "bad.txt", "--out", tmp_path / "ds", "--num-cpus", "1"))
+    assert f"invalid UTF-8 in {tmp_path}/bad.txt at byte 3" in line
+    assert not (tmp_path / "ds").exists()
+
+
+def _big_corpus(folder, megabytes: int):
+    folder.mkdir()
+    line = b"It was the best of times, it was the worst of times, it was the age of wisdom.\n"
+    with open(folder / "big.txt", "wb") as f:
+        for _ in range(megabytes * 2**20 // len(line)):
+            f.write(line)
+
+
+def _staging(tmp_path):
+    return [p for p in tmp_path.iterdir() if p.name.startswith(".ds.partial-")]
+
+
+def _start_prepare(tmp_path, corpus):
+    cmd = [sys.executable, "-m", "charrnn", "prepare", str(corpus), "--out", str(tmp_path / "ds"),
+           "--range-mb", "1", "--num-cpus", "1"]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_shards(tmp_path, proc, ignore=(), timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        staged = [p for p in _staging(tmp_path) if p not in ignore]
+        if staged and any((staged[0] / "train").glob("*.parquet")):
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    raise AssertionError("prepare never started writing shards")
+
+
+def test_interrupted_run_leaves_the_old_dataset_valid(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "a.txt").write_text("the old corpus\n" * 100)
+    assert run_cli("prepare", tmp_path / "old", "--out", tmp_path / "ds", "--run-length", "100").returncode == 0
+    old_manifest = (tmp_path / "ds" / "manifest.json").read_bytes()
+    _big_corpus(tmp_path / "new", 16)
+
+    # Killed outright: the old dataset stays as it was; the staging folder is hidden and not a dataset.
+    proc = _start_prepare(tmp_path, tmp_path / "new")
+    _wait_for_shards(tmp_path, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "ds" / "manifest.json").read_bytes() == old_manifest
+    assert run_cli("verify", tmp_path / "ds").returncode == 0
+    assert not any((p / "manifest.json").exists() for p in _staging(tmp_path))
+
+    # Ctrl-C: the same, and the run cleans up after itself (including the killed run's leftovers).
+    killed_runs_staging = _staging(tmp_path)
+    proc = _start_prepare(tmp_path, tmp_path / "new")
+    _wait_for_shards(tmp_path, proc, ignore=killed_runs_staging)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert "interrupted" in proc.stderr.read()
+    assert (tmp_path / "ds" / "manifest.json").read_bytes() == old_manifest
+    assert _staging(tmp_path) == []
+    with contextlib.suppress(ProcessLookupError):  # Ray's helper processes of that run, if any linger
+        os.killpg(proc.pid, signal.SIGKILL)
