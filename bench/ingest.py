@@ -160,8 +160,8 @@ def _kib(path: str, key: str) -> int:
 
 
 class TreeSampler(threading.Thread):
-    """Peak summed RSS and PSS of `root` and its descendants (and its session, if it leads one);
-    also the CPU time that processes outside this benchmark used meanwhile (noise from others)."""
+    """Peak summed RSS and PSS of `root` and its descendants (and its session, if it leads one), the
+    CPU time they used, and the CPU time that processes outside this benchmark used meanwhile (noise)."""
 
     def __init__(self, root: int, interval: float = 0.2, bench_pid: int = os.getpid()):
         super().__init__(daemon=True)
@@ -169,6 +169,8 @@ class TreeSampler(threading.Thread):
         self.peak_rss = self.peak_pss = self.max_procs = self.samples = 0
         self.foreign_ticks = 0
         self._last_cpu: dict[int, int] = {}
+        self._first_ticks: dict[int, int] = {}  # CPU ticks of our processes when first seen (0 if born later)
+        self._last_ticks: dict[int, int] = {}
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -191,6 +193,9 @@ class TreeSampler(threading.Thread):
         mine = _descendants(children, self.root)
         if self.root in table and table[self.root][1] == self.root:  # a session leader: its session too
             mine |= {pid for pid, (_, sid, _) in table.items() if sid == self.root}
+        for pid in mine & table.keys():
+            self._first_ticks.setdefault(pid, table[pid][2] if not self.samples else 0)
+            self._last_ticks[pid] = table[pid][2]
         ours = _descendants(children, self.bench_pid)
         rss = sum(_kib(f"/proc/{pid}/status", "VmRSS:") for pid in mine)
         pss = sum(_kib(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in mine)
@@ -203,7 +208,8 @@ class TreeSampler(threading.Thread):
 
     def report(self) -> dict:
         return {"peak_rss_mb": round(self.peak_rss * 1024 / MB, 1), "peak_pss_mb": round(self.peak_pss * 1024 / MB, 1),
-                "max_processes": self.max_procs, "samples": self.samples,
+                "max_processes": self.max_procs, "samples": self.samples, "cpu_s": round(sum(
+                    self._last_ticks[p] - self._first_ticks[p] for p in self._last_ticks) / os.sysconf("SC_CLK_TCK"), 1),
                 "other_processes_cpu_s": round(self.foreign_ticks / os.sysconf("SC_CLK_TCK"), 1)}
 
 
@@ -277,7 +283,8 @@ def inprocess_prepare(corpus: dict, warmup: dict, out: Path, num_cpus: int, inte
              logging_level="WARNING")
     try:
         options = PrepareOptions(errors="strict")
-        prepare([warmup["path"]], str(out), options, log=lambda msg: None)  # start workers, import modules
+        # Start the workers and import everything in them, with many small tasks so that each worker gets some.
+        prepare([warmup["path"]], str(out), PrepareOptions(range_mb=0.05), log=lambda msg: None)
         shutil.rmtree(out)
         sampler = TreeSampler(os.getpid(), interval)
         sampler.start()
@@ -310,7 +317,7 @@ def main() -> None:
         args.sizes_mb, args.throughput_mb = "16,128", 32
     sizes = [float(s) for s in args.sizes_mb.split(",")]
 
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="charrnn-bench-ingest-", dir=args.tmp))
     log = lambda msg: print(f"[{time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
     try:
@@ -343,7 +350,8 @@ def main() -> None:
         "benchmark": "ingest",
         "machine": {"cpu_count": os.cpu_count(), "ray_num_cpus": args.num_cpus, "platform": platform.platform(),
                     "python": platform.python_version(), "cpu": _cpu_model(),
-                    "mem_total_gb": round(_kib("/proc/meminfo", "MemTotal:") * 1024 / 1e9, 1)},
+                    "mem_total_gb": round(_kib("/proc/meminfo", "MemTotal:") * 1024 / 1e9, 1),
+                    "loadavg_at_start": load_at_start},
         "command": " ".join(["python", "bench/ingest.py", *sys.argv[1:]]),
         "throughput_corpus": {k: corpus[k] for k in ("bytes", "n_files", "biggest_file_bytes", "generate_s")},
         "classic_encode": {k: v for k, v in classic.items() if k != "chars"},

@@ -28,5 +28,6 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     if address is None:
         # "local" starts a fresh Ray even if a `ray start` cluster runs on this machine.
         address = "local"
-        kwargs.update(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+        # The dashboard (on 127.0.0.1) serves the state API that Ray Train's controller polls.
+        kwargs.update(num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1")
     ray.init(address=address, **kwargs)

@@ -2,7 +2,8 @@
 (never Ray, never another folder of this repo), so a model runs wherever PyTorch does."""
 from .charrnn import CharRNN, ModelConfig, detach_state, reset_state_rows
 from .folder import ModelFolderError, load_model, save_model
+from .generate import generate, score
 from .sampling import sample_next
 
 __all__ = ["CharRNN", "ModelConfig", "detach_state", "reset_state_rows", "ModelFolderError",
-           "load_model", "save_model", "sample_next"]
+           "load_model", "save_model", "sample_next", "generate", "score"]

@@ -29,7 +29,8 @@ def decode_range(data: bytes, errors: str) -> DecodedRange:
     if b"\x00" in data:
         return DecodedRange(np.zeros(0, np.uint8), 0, -1, True)
     if data.isascii():
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         return DecodedRange(np.frombuffer(data, np.uint8), 0, -1, False)
     try:
         text = data.decode("utf-8", errors="strict")
@@ -103,6 +104,8 @@ class Vocabulary:
         return self._lookup
 
     def ids_from_codepoints(self, codepoints: np.ndarray) -> np.ndarray:
+        if codepoints.dtype == np.uint8 and self.dtype == np.uint8:  # ASCII: bytes.translate is ~3x faster
+            return np.frombuffer(codepoints.tobytes().translate(self.lookup_table()[:256].tobytes()), np.uint8)
         return self.lookup_table()[codepoints]
 
     def encode(self, text: str) -> np.ndarray:

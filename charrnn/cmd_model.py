@@ -1,0 +1,98 @@
+"""charrnn sample / eval: use a trained model on this machine, no Ray needed."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("sample", help="generate text from a trained model",
+                       description="Prime the model's state with --prime in one forward pass, then sample "
+                                   "--length characters one at a time.")
+    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a run folder (uses RUN_DIR/model) or a model folder")
+    p.add_argument("--prime", default="The", help="text to start from (default 'The')")
+    p.add_argument("--length", type=int, default=500, help="characters to generate (default 500)")
+    p.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more conservative (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help=">= 1: sample among the k likeliest characters (default: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]: nucleus sampling (default 1.0: off)")
+    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (default: random)")
+    p.set_defaults(run=_run_sample)
+
+    p = sub.add_parser("eval", help="loss and bits per character of text files under a model",
+                       description="Score each FILE (UTF-8, CRLF read as newline) under the model: loss in nats "
+                                   "per character and bits per character.")
+    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a run folder or a model folder")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(run=_run_eval)
+
+
+def load(location: str):
+    """(model, Vocabulary) from a run folder or a model folder."""
+    from models import ModelFolderError, load_model
+    from pipeline.vocab import Vocabulary
+
+    path = Path(location)
+    if (path / "model" / "config.json").exists() or not (path / "config.json").exists() and (path / "model").is_dir():
+        path = path / "model"
+    model, config, vocab, info = load_model(path)
+    try:
+        return model, Vocabulary.from_json(vocab)
+    except (KeyError, ValueError) as err:
+        raise ModelFolderError(f"{path}: invalid vocabulary: {err}") from None
+
+
+def _fail(message: str) -> int:
+    print(f"charrnn: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_sampling(args) -> str | None:
+    if not args.temperature > 0:
+        return f"--temperature must be > 0, got {args.temperature}"
+    if args.top_k is not None and args.top_k < 1:
+        return f"--top-k must be >= 1, got {args.top_k}"
+    if not 0 < args.top_p <= 1:
+        return f"--top-p must be in (0, 1], got {args.top_p}"
+    if args.length < 0:
+        return f"--length must be >= 0, got {args.length}"
+    if not args.prime:
+        return "--prime must not be empty"
+    return None
+
+
+def _run_sample(args) -> int:
+    problem = _check_sampling(args)
+    if problem:
+        return _fail(problem)
+    from models import generate
+
+    model, vocab = load(args.model)
+    unknown = vocab.unknown_chars(args.prime)
+    if unknown:
+        print(f"charrnn sample: note: {len(unknown)} character(s) of the prime are not in the vocabulary "
+              f"({''.join(unknown)!r}); they read as the unknown id", file=sys.stderr)
+    ids = generate(model, vocab.encode(args.prime).tolist(), args.length, args.temperature, args.top_k,
+                   args.top_p, args.seed)
+    print(args.prime + vocab.decode(ids))
+    return 0
+
+
+def _run_eval(args) -> int:
+    from models import score
+    from models.generate import bits_per_char
+    from pipeline.vocab import normalize_newlines
+
+    model, vocab = load(args.model)
+    for name in args.files:
+        try:
+            text = normalize_newlines(Path(name).read_bytes().decode("utf-8"))
+        except FileNotFoundError:
+            return _fail(f"file not found: {name}")
+        except UnicodeDecodeError as err:
+            return _fail(f"invalid UTF-8 in {name} at byte {err.start}")
+        total, count = score(model, vocab.encode(text).tolist())
+        if count == 0:
+            return _fail(f"{name} has fewer than two characters: nothing to score")
+        print(f"{name}: loss {total / count:.4f} nats/char, {bits_per_char(total / count):.4f} bits/char, "
+              f"{count:,} characters")
+    return 0

@@ -1,0 +1,63 @@
+"""charrnn train: data-parallel training on Ray Train."""
+from __future__ import annotations
+
+import argparse
+
+from charrnn.ray_session import add_address_option, connect
+
+
+
+def add_commands(sub) -> None:
+    from training.config import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train", help="train a character-level RNN with Ray Train (DDP over --workers)",
+        description="Train on a prepared dataset (or on raw INPUTs, prepared into RUN_DIR/data first). Writes "
+                    "RUN_DIR/model (the best model by validation loss), metrics.jsonl, loss.png and Ray Train "
+                    "checkpoints. Defaults are the classic recipe.",
+    )
+    opt = lambda *names, **kw: p.add_argument(*names, default=argparse.SUPPRESS, **kw)
+    p.add_argument("--data", nargs="+", metavar="DIR_OR_INPUT",
+                   help="a prepared dataset folder, or text files/folders/globs to prepare first "
+                        "(not needed with --resume)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN_DIR from its latest checkpoint (optimizer, step, data position)")
+    opt("--cell", choices=["lstm", "gru", "rnn"], help=f"recurrent cell (default {d.cell})")
+    opt("--layers", type=int, help=f"stacked recurrent layers (default {d.layers})")
+    opt("--hidden", type=int, help=f"units per layer (default {d.hidden})")
+    opt("--dropout", type=float, help=f"dropout between layers and before the output (default {d.dropout})")
+    opt("--embedding-dim", type=int, help="input embedding width (default: the vocabulary size, like one-hot)")
+    opt("--batch", type=int, help=f"GLOBAL batch: text streams walked in parallel, split evenly over the workers "
+                                  f"(default {d.batch})")
+    opt("--seq", type=int, help=f"characters per window of truncated backpropagation (default {d.seq})")
+    opt("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    opt("--lr-schedule", choices=["constant", "cosine"], help=f"learning-rate schedule (default {d.lr_schedule})")
+    opt("--clip", type=float, help=f"gradient-norm clipping (default {d.clip})")
+    opt("--epochs", type=float, help=f"passes over the training split (default {d.epochs:g})")
+    opt("--max-steps", type=int, help="stop after this many steps (with --epochs: whichever comes first)")
+    opt("--val-every", type=int, help=f"evaluate every N steps, and at each epoch end (default {d.val_every})")
+    opt("--val-max-tokens", type=int, help=f"validation tokens per evaluation, at most (default {d.val_max_tokens:,})")
+    opt("--checkpoint-every", type=int, help=f"checkpoint every N steps, and at the end (default {d.checkpoint_every})")
+    opt("--log-every", type=int, help=f"print progress every N steps (default {d.log_every})")
+    opt("--seed", type=int, help=f"random seed (default {d.seed})")
+    opt("--workers", type=int, help=f"data-parallel Ray Train workers (default {d.workers})")
+    opt("--gpu", action="store_true", help="one GPU per worker, NCCL and bf16 autocast (default: CPU, gloo, float32)")
+    opt("--threads-per-worker", type=int, help="torch threads per worker (default: the node's CPUs / workers)")
+    opt("--max-failures", type=int, help=f"restarts from the latest checkpoint after a worker dies (default {d.max_failures})")
+    add_address_option(p)
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from training.config import TrainConfig
+    from training.driver import train
+
+    fields = TrainConfig.__dataclass_fields__
+    options = {k: v for k, v in vars(args).items() if k in fields}
+    summary = train(args.data or [], args.out, options, resume=args.resume,
+                    before_ray=lambda: connect(args.address, args.num_cpus))
+    print(f"trained {summary['steps']} steps; best validation loss {summary['best_val_loss']}; "
+          f"model in {summary['model']}")
+    return 0

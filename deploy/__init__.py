@@ -1,0 +1,1 @@
+"""Serving: a Ray Serve application that loads a model folder. Never imports training/."""

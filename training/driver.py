@@ -1,0 +1,136 @@
+"""`charrnn train`, the driver: open (or prepare) the data, size the run, start Ray Train's
+TorchTrainer with N data-parallel workers, and write the run folder:
+
+  RUN_DIR/model/            the best model so far (lowest validation loss): a model folder
+  RUN_DIR/metrics.jsonl     one record per step and evaluation
+  RUN_DIR/loss.png          training and validation loss over steps
+  RUN_DIR/run.json          the options of the run, for --resume
+  RUN_DIR/ray/              Ray Train's checkpoints (model, optimizer, scheduler, step, data position)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from models import ModelConfig
+from pipeline import PreparedDataset, prepare
+from pipeline.prepare import MANIFEST
+from training.config import TrainConfig, TrainingError
+from training.plot import plot_losses
+from training.worker import TRAINER_STATE, train_loop_per_worker
+
+RUN_FILE = "run.json"
+# What --resume may change: how long to train and on what, not the model, the optimiser or the data.
+RESUMABLE = {"epochs", "max_steps", "workers", "gpu", "threads_per_worker", "max_failures", "val_every",
+             "val_max_tokens", "checkpoint_every", "log_every"}
+
+
+def is_prepared(data: list[str]) -> bool:
+    return len(data) == 1 and ("://" in data[0] or (Path(data[0]) / MANIFEST).exists())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest step under RUN_DIR/ray, if any finished writing."""
+    found = [p.parent for p in (run_dir / "ray").glob(f"*/checkpoint-*/{TRAINER_STATE}")]
+    return max(found, key=lambda p: json.loads((p / TRAINER_STATE).read_text())["step"], default=None)
+
+
+def train(data: list[str], out: str, options: dict, resume: bool = False,
+          log: Callable[[str], None] = print, before_ray: Callable[[], None] = lambda: None) -> dict:
+    """Train with `options` (TrainConfig fields; the rest keep their defaults) and return a summary:
+    steps, best validation loss, where the model is. With `resume`, the run in `out` continues
+    with its saved options, of which only RESUMABLE ones may be changed."""
+    run_dir = Path(out).resolve()
+    checkpoint = latest_checkpoint(run_dir)
+    if resume:
+        if not (run_dir / RUN_FILE).exists():
+            raise TrainingError(f"--resume: {out} holds no run to resume (no {RUN_FILE})")
+        saved = json.loads((run_dir / RUN_FILE).read_text())
+        fixed = sorted(k for k, v in options.items() if k not in RESUMABLE and v != saved["train"].get(k))
+        if fixed:
+            raise TrainingError(f"--resume cannot change {', '.join(fixed)}; the run keeps its model and data")
+        if checkpoint is None:
+            log(f"--resume: {out} has no checkpoint yet; starting from step 0")
+        options = {**saved["train"], **options}
+        data = saved["data"]
+    elif checkpoint is not None or (run_dir / RUN_FILE).exists():
+        raise TrainingError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+    config = TrainConfig.from_json(options)
+    config.check()
+    if not data:
+        raise TrainingError("--data is required: a prepared dataset folder or text INPUTs")
+    if is_prepared(data):
+        dataset = PreparedDataset(data[0])
+        before_ray()
+    else:
+        log(f"preparing {' '.join(data)} into {run_dir / 'data'}")
+        prepare(data, str(run_dir / "data"), log=log, before_ray=before_ray)
+        dataset = PreparedDataset(str(run_dir / "data"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_FILE).write_text(json.dumps({"data": [dataset.location], "train": config.to_json()}, indent=1))
+
+    vocab = dataset.manifest["vocab"]
+    model_config = ModelConfig(vocab_size=vocab["size"], cell=config.cell, layers=config.layers,
+                               hidden=config.hidden, dropout=config.dropout, embedding_dim=config.embedding_dim)
+    train_tokens = dataset.tokens("train")
+    steps_per_epoch = max(1, train_tokens // (config.batch * config.seq))
+    total_steps = min(s for s in (config.max_steps, config.epochs and math.ceil(config.epochs * steps_per_epoch)) if s)
+    log(f"training {config.cell} {config.layers}x{config.hidden} on {train_tokens:,} tokens "
+        f"({steps_per_epoch:,} steps per epoch), {total_steps:,} steps, {config.workers} worker(s), "
+        f"batch {config.batch} (global) x seq {config.seq}")
+
+    cpus = int(ray.available_resources().get("CPU", 1))
+    threads = config.threads_per_worker or max(1, cpus // config.workers)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": config.to_json(), "model": model_config.to_json(), "vocab": vocab,
+                           "run_dir": str(run_dir), "total_steps": total_steps, "train_tokens": train_tokens,
+                           "threads": threads},
+        torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu),
+        run_config=ray.train.RunConfig(
+            name="ray", storage_path=str(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Train's print patch would echo each worker line a second time through its logger.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+        datasets={split: _quiet_ordered(dataset.ray_dataset(split)) for split in ("train", "validation")},
+        # Each worker streams the whole dataset and keeps its share of the runs (see worker.runs_of).
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None,
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise TrainingError(f"training failed after {config.max_failures} restart(s): {_first_line(err)}") from None
+    finally:
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    metrics = result.metrics or {}
+    if metrics.get("diverged"):
+        raise TrainingError(f"training diverged at step {metrics['step']} (loss {metrics.get('loss')}); "
+                            f"the last good checkpoint and the best model are kept in {out}")
+    info = json.loads((run_dir / "model" / "config.json").read_text())["info"] if (run_dir / "model").exists() else {}
+    return {"steps": metrics.get("step"), "best_val_loss": info.get("val_loss"), "model": str(run_dir / "model"),
+            "run_dir": str(run_dir)}
+
+
+def _quiet_ordered(ds):
+    """Rows in a stable order, so a checkpoint's data position means the same runs on resume; no
+    progress bars from inside the workers, whose own progress line says more."""
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
+    return ds
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return next((line for line in reversed(text) if line.strip()), type(err).__name__)
