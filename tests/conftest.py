@@ -14,7 +14,9 @@ def ray_local():
     """One local Ray for the whole session (2 CPUs, as on CI), shut down at the end."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Workers import test helpers (Ray Train loops defined in tests) from this folder.
+    ray.init(address="local", num_cpus=2, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "tests")}})
     yield ray
     ray.shutdown()
 
@@ -33,3 +35,22 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     lines = [l for l in result.stderr.splitlines() if "error:" in l]
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def write_story_corpus(path, chars: int, seed: int = 0) -> str:
+    """Text with real structure a tiny model can learn quickly: sentences from a small grammar."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    subjects = ["the cat", "a dog", "my friend", "the old man", "anna", "the train"]
+    verbs = ["sees", "likes", "finds", "waits for", "talks to", "follows"]
+    objects = ["the house", "a bird", "the river", "her sister", "the station", "a letter"]
+    parts, size = [], 0
+    while size < chars:
+        sentence = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
+        sentence = sentence[0].upper() + sentence[1:] + ("\n" if rng.random() < 0.2 else " ")
+        parts.append(sentence)
+        size += len(sentence)
+    text = "".join(parts)[:chars]
+    path.write_text(text)
+    return text

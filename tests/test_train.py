@@ -1,0 +1,179 @@
+"""charrnn train on Ray Train: learning, DDP equivalence, resume, worker faults, divergence."""
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_story_corpus
+from pipeline import PrepareOptions, prepare
+from training.config import TrainingError
+from training.driver import train
+
+TINY = dict(cell="lstm", layers=1, hidden=48, dropout=0.0, batch=8, seq=32, lr=0.01, val_every=50,
+            checkpoint_every=25, log_every=25, max_failures=2)
+
+
+@pytest.fixture(scope="module")
+def story_dataset(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("story")
+    write_story_corpus(root / "story.txt", 60_000)
+    prepare([str(root / "story.txt")], str(root / "ds"), PrepareOptions(run_length=1500), log=lambda m: None)
+    return str(root / "ds")
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_learns_far_below_uniform(story_dataset, tmp_path):
+    summary = train([story_dataset], str(tmp_path / "run"), {**TINY, "max_steps": 150}, log=lambda m: None)
+    vocab_size = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["model"]["vocab_size"]
+    assert summary["steps"] == 150
+    assert summary["best_val_loss"] < 0.6 * math.log(vocab_size)
+    metrics = records(tmp_path / "run")
+    assert [r["step"] for r in metrics if "loss" in r] == list(range(1, 151))
+    assert {"val_loss", "val_bpc"} <= set(metrics[-1])  # evaluated at the end
+    assert all(r["chars_per_s"] > 0 for r in metrics)
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _one_ddp_step(job):
+    """One train_step on this rank's rows of a fixed batch; rank 0 saves the updated weights."""
+    import ray.train
+    import ray.train.torch
+
+    from models import CharRNN, ModelConfig
+    from training.step import make_optimizer, train_step
+    from training.windows import Window
+
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=11, layers=2, hidden=16, dropout=0.0))
+    optimizer, scheduler = make_optimizer(model, 0.05, "constant", 1)
+    ddp = ray.train.torch.prepare_model(model)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    inputs, targets = np.array(job["inputs"]), np.array(job["targets"])
+    window = Window(inputs[rows], targets[rows], np.ones(8 // world, bool))
+    train_step(ddp, optimizer, scheduler, window, model.init_state(8 // world), 0.5, torch.device("cpu"))
+    if rank == 0:
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, job["out"])
+
+
+def test_two_worker_ddp_equals_one_worker_on_the_whole_batch(ray_local, tmp_path):
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 11, size=(8, 13))
+    job = {"inputs": tokens[:, :-1].tolist(), "targets": tokens[:, 1:].tolist()}
+    weights = {}
+    for workers in (1, 2):
+        out = str(tmp_path / f"w{workers}.pt")
+        TorchTrainer(_one_ddp_step, train_loop_config={**job, "out": out},
+                     scaling_config=ScalingConfig(num_workers=workers)).fit()
+        weights[workers] = torch.load(out, weights_only=True)
+    initial = _initial_weights()
+    for name, value in weights[1].items():
+        assert not torch.equal(value, initial[name])  # the step did move the weights
+        torch.testing.assert_close(weights[2][name], value, rtol=1e-4, atol=1e-5)  # Adam magnifies tiny gradients
+
+
+def _initial_weights():
+    from models import CharRNN, ModelConfig
+
+    torch.manual_seed(0)
+    return CharRNN(ModelConfig(vocab_size=11, layers=2, hidden=16, dropout=0.0)).state_dict()
+
+
+def test_resumed_run_matches_an_uninterrupted_one(story_dataset, tmp_path):
+    options = {**TINY, "dropout": 0.0, "max_steps": 100}
+    whole = train([story_dataset], str(tmp_path / "whole"), options, log=lambda m: None)
+    train([story_dataset], str(tmp_path / "split"), {**options, "max_steps": 50}, log=lambda m: None)
+    resumed = train([], str(tmp_path / "split"), {"max_steps": 100}, resume=True, log=lambda m: None)
+    assert resumed["steps"] == whole["steps"] == 100
+    metrics = records(tmp_path / "split")
+    assert {"event": "resumed", "step": 50} in metrics
+    steps = [r["step"] for r in metrics if "loss" in r]
+    assert steps == list(range(1, 101))  # no step lost or repeated
+    assert resumed["best_val_loss"] == pytest.approx(whole["best_val_loss"], abs=0.05)
+    # The resumed run continued from the same optimizer state: its first step is no restart spike.
+    first_after = next(r for r in metrics if r.get("step") == 51 and "loss" in r)["loss"]
+    before = next(r for r in metrics if r.get("step") == 50 and "loss" in r)["loss"]
+    assert first_after < before + 0.3
+
+
+def test_resume_refuses_to_change_the_model(story_dataset, tmp_path):
+    train([story_dataset], str(tmp_path / "run"), {**TINY, "max_steps": 5}, log=lambda m: None)
+    with pytest.raises(TrainingError, match="cannot change hidden"):
+        train([], str(tmp_path / "run"), {"hidden": 64}, resume=True, log=lambda m: None)
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train([story_dataset], str(tmp_path / "run"), TINY, log=lambda m: None)
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray Train workers of this test session's Ray (other Ray clusters may run on the machine)."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"RayTrainWorker" not in f.read():
+                    continue
+            pid = int(entry)
+            while pid > 1 and pid != os.getpid():
+                pid = _parent(pid)
+            if pid == os.getpid():
+                pids.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def test_killed_worker_restarts_from_the_latest_checkpoint(story_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    outcome = {}
+
+    def run():
+        try:
+            outcome["summary"] = train([story_dataset], str(run_dir), {**TINY, "workers": 2, "max_steps": 90,
+                                                                      "checkpoint_every": 20}, log=lambda m: None)
+        except Exception as err:  # reported by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = [r for r in records(run_dir) if r.get("step", 0) >= 45] if (run_dir / "metrics.jsonl").exists() else []
+        if done:
+            break
+        time.sleep(0.2)
+    pids = _train_worker_pids()
+    assert len(pids) == 2, pids
+    os.kill(pids[1], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    assert outcome["summary"]["steps"] == 90
+    resumed = [r for r in records(run_dir) if r.get("event") == "resumed"]
+    assert resumed and resumed[0]["step"] >= 40  # from a checkpoint, not from step 0
+    steps = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert steps == list(range(1, 91))
+
+
+def test_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint(story_dataset, tmp_path):
+    options = {**TINY, "lr": 1e4, "clip": 1e9, "max_steps": 200, "checkpoint_every": 1}
+    with pytest.raises(TrainingError, match="training diverged at step"):
+        train([story_dataset], str(tmp_path / "run"), options, log=lambda m: None)
+    checkpoints = list((tmp_path / "run" / "ray").glob("checkpoint-*"))
+    assert checkpoints  # the last good ones are kept
