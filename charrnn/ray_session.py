@@ -4,8 +4,6 @@ from __future__ import annotations
 import logging
 import os
 
-import ray
-
 
 def add_address_option(parser) -> None:
     parser.add_argument(
@@ -19,6 +17,8 @@ def add_address_option(parser) -> None:
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
     """Start or join Ray once per process; quiet unless something goes wrong."""
+    import ray  # here, not at the top: commands that need no Ray should not pay for importing it
+
     if ray.is_initialized():
         return
     # Inside `ray job submit` the job's driver already knows its cluster.

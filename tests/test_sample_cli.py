@@ -1,0 +1,79 @@
+"""charrnn sample / eval: local use of a model folder, and their one-line errors."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import error_line, run_cli
+from models import CharRNN, ModelConfig, save_model
+from pipeline.vocab import Vocabulary
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small model folder, laid out like a run folder (RUN_DIR/model)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    vocab = Vocabulary(list("abcdefgh \n"))
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=vocab.size, layers=1, hidden=16, dropout=0.0)
+    save_model(CharRNN(config), config, vocab.to_json(), run_dir / "model", info={"step": 1})
+    return run_dir
+
+
+def test_same_seed_same_text(model_dir):
+    runs = [run_cli("sample", "--model", model_dir, "--prime", "abc", "--length", "60", "--seed", seed)
+            for seed in (7, 7, 8)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout != runs[2].stdout
+    assert runs[0].stdout.startswith("abc") and len(runs[0].stdout.rstrip("\n")) >= 60
+
+
+def test_model_folder_itself_and_top_k_top_p(model_dir):
+    result = run_cli("sample", "--model", model_dir / "model", "--prime", "a", "--length", "20", "--top-k", "1",
+                     "--top-p", "0.5", "--temperature", "0.7", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    greedy = run_cli("sample", "--model", model_dir, "--prime", "a", "--length", "20", "--top-k", "1", "--seed", "2")
+    assert greedy.stdout == run_cli("sample", "--model", model_dir, "--prime", "a", "--length", "20", "--top-k", "1",
+                                    "--seed", "3").stdout  # top-k 1 is greedy: no randomness left
+
+
+def test_prime_outside_the_vocabulary_is_said_once(model_dir):
+    result = run_cli("sample", "--model", model_dir, "--prime", "aΩbΩz", "--length", "5", "--seed", "1")
+    assert result.returncode == 0
+    notes = [l for l in result.stderr.splitlines() if "not in the vocabulary" in l]
+    assert len(notes) == 1 and "Ωz" in notes[0]
+
+
+def test_eval_reports_loss_and_bits_per_char(model_dir, tmp_path):
+    (tmp_path / "t.txt").write_text("abc abc\nhead\n")
+    result = run_cli("eval", "--model", model_dir, tmp_path / "t.txt")
+    assert result.returncode == 0, result.stderr
+    loss = float(result.stdout.split("loss ")[1].split()[0])
+    bpc = float(result.stdout.split("nats/char, ")[1].split()[0])
+    assert 0 < loss < 2 * math.log(11) and bpc == pytest.approx(loss / math.log(2), abs=1e-3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+])
+def test_bad_sampling_options(model_dir, args, message):
+    assert message in error_line(run_cli("sample", "--model", model_dir, *args))
+
+
+def test_bad_model_folders(model_dir, tmp_path):
+    assert "does not exist" in error_line(run_cli("sample", "--model", tmp_path / "nope")) or \
+        "nope" in error_line(run_cli("sample", "--model", tmp_path / "nope"))
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "config.json").write_text((model_dir / "model" / "config.json").read_text())
+    assert "model.safetensors" in error_line(run_cli("sample", "--model", incomplete))
+    future = tmp_path / "future"
+    future.mkdir()
+    config = json.loads((model_dir / "model" / "config.json").read_text())
+    (future / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    (future / "model.safetensors").write_bytes((model_dir / "model" / "model.safetensors").read_bytes())
+    assert "format version 99" in error_line(run_cli("eval", "--model", future, __file__))
