@@ -1,0 +1,152 @@
+"""charrnn serve / query: the Ray Serve application (deploy/) and its command-line client."""
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import time
+
+from charrnn.ray_session import add_address_option, connect
+
+APP_NAME = "charrnn"
+
+
+def add_commands(sub) -> None:
+    from deploy.limits import Limits
+
+    d = Limits()
+    p = sub.add_parser(
+        "serve", help="serve a trained model over HTTP with Ray Serve (OpenAI-compatible completions too)",
+        description="Serve a model folder over HTTP until Ctrl-C: POST /v1/generate, /v1/completions (OpenAI), "
+                    "/v1/score; GET /v1/models, /healthz, /v1/stats. Concurrent requests are decoded together, "
+                    "one batched step for all of them (continuous batching). docs/contracts.md, section 3, "
+                    "defines the API.")
+    p.add_argument("--model", required=True, metavar="RUN_DIR",
+                   help="a run folder (uses RUN_DIR/model) or a model folder: a local path or a pyarrow.fs URI")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, help="replicas, each with its own copy of the model (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="scale replicas between MIN and MAX with the load")
+    p.add_argument("--target-ongoing", type=float, default=None,
+                   help="with --autoscale: requests per replica to aim at (default: half of --max-concurrent)")
+    p.add_argument("--gpu", action="store_true", help="place each replica on a GPU")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: --cpus-per-replica)")
+    p.add_argument("--name", default=None, help="the model's name in the API (default: the run folder's name)")
+    limits = p.add_argument_group("limits (per request, and per replica)")
+    limits.add_argument("--max-prime-chars", type=int, default=d.max_prime_chars,
+                        help=f"characters in a prime or prompt (default {d.max_prime_chars})")
+    limits.add_argument("--max-chars", type=int, default=d.max_chars,
+                        help=f"characters generated per sequence: max_chars, max_tokens (default {d.max_chars})")
+    limits.add_argument("--max-n", type=int, default=d.max_n, help=f"sequences per request (default {d.max_n})")
+    limits.add_argument("--max-score-chars", type=int, default=d.max_score_chars,
+                        help=f"characters of text to /v1/score (default {d.max_score_chars})")
+    limits.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                        help=f"request body size (default {d.max_body_bytes})")
+    limits.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
+                        help=f"sequences decoded together per replica, the batch (default {d.max_concurrent})")
+    limits.add_argument("--max-queued", type=int, default=d.max_queued,
+                        help=f"sequences waiting per replica; beyond, 429 with Retry-After (default {d.max_queued})")
+    add_address_option(p)
+    p.set_defaults(run=_run_serve)
+
+    p = sub.add_parser("query", help="ask a running `charrnn serve` for text",
+                       description="POST /v1/generate to a charrnn server and print the prime and the text.")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    p.add_argument("--prime", default="The", help="text to start from (default 'The')")
+    p.add_argument("--max-chars", type=int, default=200, help="characters to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="> 0 (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help=">= 1: sample among the k likeliest (default: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]: nucleus sampling (default 1.0: off)")
+    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (default: random)")
+    p.add_argument("--stop", action="append", default=None, help="stop before this string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server (default 300)")
+    p.set_defaults(run=_run_query)
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"charrnn {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _interrupt(signum, frame):
+    """SIGTERM (a service manager, `kill`) shuts down as cleanly as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def _run_serve(args) -> int:
+    from ray import serve
+
+    from deploy.limits import Limits
+    from deploy.app import build_app, parse_autoscale
+
+    try:
+        limits = Limits(**{f: getattr(args, f) for f in Limits.__dataclass_fields__})
+        autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
+        if not 0 < args.port < 65536:
+            raise ValueError(f"--port must be in 1..65535, got {args.port}")
+        app = build_app(args.model, name=args.name, replicas=args.replicas, autoscale=autoscale,
+                        target_ongoing=args.target_ongoing, gpu=args.gpu, num_cpus=args.cpus_per_replica,
+                        threads=args.threads, limits=limits)
+    except ValueError as err:  # ModelFolderError is one too: it names the folder
+        return _fail("serve", str(err))
+    local = args.address is None
+    if local:  # the proxy will run on this machine: say so now if the port is taken
+        try:
+            with socket.create_server((args.host, args.port)):
+                pass
+        except OSError as err:
+            return _fail("serve", f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        connect(args.address, args.num_cpus)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        url = f"http://{args.host}:{args.port}"
+        print(f"charrnn serve: serving {args.model} at {url} "
+              f"({f'autoscaling {args.autoscale}' if autoscale else f'{args.replicas} replica(s)'}); Ctrl-C stops",
+              flush=True)
+        print(f"  curl -s {url}/v1/generate -d '{{\"prime\": \"The \", \"max_chars\": 200, \"seed\": 1}}'\n"
+              f"  charrnn query --url {url} --prime 'The ' --stream", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("charrnn serve: shutting down", file=sys.stderr, flush=True)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            if local:
+                serve.shutdown()
+            else:  # a shared cluster: take only this application down
+                serve.delete(APP_NAME)
+    return 0
+
+
+def _run_query(args) -> int:
+    import requests
+
+    from deploy.client import CharRNNClient, ServerError
+
+    client = CharRNNClient(args.url, timeout=args.timeout)
+    options = dict(max_chars=args.max_chars, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, stop=args.stop)
+    try:
+        if args.stream:
+            print(args.prime, end="", flush=True)
+            for chunk in client.stream(args.prime, **options):
+                print(chunk, end="", flush=True)
+            print()
+        else:
+            print(args.prime + client.generate(args.prime, **options)["text"])
+    except ServerError as err:
+        return _fail("query", str(err))
+    except requests.ConnectionError:
+        return _fail("query", f"cannot connect to {args.url}: is `charrnn serve` running there?")
+    except requests.RequestException as err:
+        return _fail("query", f"{type(err).__name__}: {err}")
+    return 0

@@ -1,0 +1,362 @@
+"""Continuous batching: many sequences sampled together from one CharRNN (docs/contracts.md, section 3).
+
+One background asyncio task owns the batch. Each turn it lets newly primed sequences join, then runs
+ONE batched model step for every active row and samples each row's next character with that row's
+own temperature, top-k, top-p and torch.Generator; a finished row leaves at once. A prime goes
+through the network in one forward pass, on a second thread, so a long prime never stalls the
+others' decoding. The torch work runs off the event loop, which stays free for HTTP.
+
+Same seed, same text, whatever else is in the batch: sampling draws one uniform per row from the
+row's own generator (models.sample_next), and the batched step is padded to at least
+`min_step_batch` rows, the smallest batch from which the math library gives every row bit-identical
+results whatever the batch size (measured at start-up: tiny batches take a different kernel whose
+float rounding differs, which could flip a sample).
+
+Pure PyTorch + asyncio: no Ray, no Serve, no vocabulary (ids in, characters out via `table`)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from models import CharRNN, sample_next, score
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence is sampled. The HTTP layer validates requests; this only guards the engine."""
+    max_chars: int = 200
+    temperature: float = 1.0  # 0: greedy
+    top_k: int | None = None  # None: off
+    top_p: float = 1.0
+    seed: int | None = None  # None: a random one (reported back)
+    stop: tuple[str, ...] = ()  # the text ends before the first occurrence of any of these
+
+    def __post_init__(self):
+        if self.max_chars < 0 or not self.temperature >= 0 or not 0 < self.top_p <= 1 \
+                or (self.top_k is not None and self.top_k < 1) or any(not s for s in self.stop):
+            raise ValueError(f"invalid sampling parameters: {self}")
+
+
+class Sequence:
+    """One sampled text. Its fields are written by the decoder's threads and read by the caller once
+    `done` is set. Streams also get (sequence, text) items on `sink`, then (sequence, None)."""
+
+    def __init__(self, prime: list[int], sampling: Sampling, device, loop, sink: asyncio.Queue | None, index: int):
+        self.prime, self.sampling, self.sink, self.index = prime, sampling, sink, index
+        self.seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(self.seed)
+        self.done = loop.create_future()  # result: self; set once
+        self.chars: list[str] = []
+        self.emitted = 0  # characters already put on the sink
+        self.last_emit = time.monotonic()
+        self.finish_reason: str | None = None  # "length", "stop", "cancelled"
+        self.cancelled = False
+        self.logits = self.state = None  # after the prime: the next character's logits, the state
+        self._tail, self._tail_len = "", max(map(len, sampling.stop), default=0)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chars)
+
+    def cancel(self) -> None:
+        """The client went away: stop sampling for it at the next step."""
+        self.cancelled = True
+
+    def _push(self, char: str) -> bool:
+        """Append one sampled character; True when the sequence is finished."""
+        self.chars.append(char)
+        if self._tail_len:
+            self._tail = (self._tail + char)[-self._tail_len:]
+            for stop in self.sampling.stop:
+                if self._tail.endswith(stop):
+                    del self.chars[len(self.chars) - len(stop):]
+                    self.finish_reason = "stop"
+                    return True
+        if len(self.chars) >= self.sampling.max_chars:
+            self.finish_reason = "length"
+            return True
+        return False
+
+    def _pending(self, final: bool) -> str:
+        """Text not yet streamed. Until the end, the last len(longest stop) - 1 characters are held
+        back: they may be the start of a stop string, which never reaches the client."""
+        end = len(self.chars) if final else len(self.chars) - max(self._tail_len - 1, 0)
+        if end <= self.emitted:
+            return ""
+        out = "".join(self.chars[self.emitted:end])
+        self.emitted = end
+        return out
+
+
+def _state_map(fn, *states):
+    """Apply fn to the state tensor(s): LSTM states are (h, c), GRU and RNN states h alone."""
+    if isinstance(states[0], tuple):
+        return tuple(fn(*parts) for parts in zip(*states))
+    return fn(*states)
+
+
+class Decoder:
+    def __init__(self, model: CharRNN, table: list[str], max_batch: int = 64, min_step_batch: int | None = None,
+                 flush_chars: int = 32, flush_interval_s: float = 0.1, log_interval_s: float = 10.0,
+                 logger: logging.Logger | None = None):
+        """`table`: id -> character, for every id the model can produce. `min_step_batch` None:
+        measured (see the module's doc). Streams get their text at least every `flush_chars`
+        characters or `flush_interval_s` seconds."""
+        self.model = model.eval()
+        self.device = model.head.weight.device
+        if len(table) < model.config.vocab_size:
+            table = list(table) + ["\ufffd"] * (model.config.vocab_size - len(table))
+        self.table, self.max_batch = table, max_batch
+        self.flush_chars, self.flush_interval_s = flush_chars, flush_interval_s
+        self.log_interval_s, self.logger = log_interval_s, logger or logging.getLogger("ray.serve")
+        self.min_step_batch = min_step_batch or self.measure_min_step_batch(model, max_batch)
+        # One thread steps the batch, one primes and scores: torch releases the GIL in its kernels.
+        self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="charrnn-step")
+        self._prime_pool = ThreadPoolExecutor(1, thread_name_prefix="charrnn-prime")
+        self._rows: list[Sequence] = []  # the batch; touched only on the step thread
+        self._state = self._logits = self._params = None
+        self._ready: list[Sequence] = []  # primed, waiting for a place in the batch
+        self._load = 0  # sequences submitted and not finished, plus scores running
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._stats = dict(steps=0, chars=0, sequences=0, prime_chars=0, scored_chars=0, max_batch_seen=0,
+                           step_seconds=0.0)
+        self._hist: dict[int, int] = {}  # batch size -> steps
+        self._window = [time.monotonic(), 0, 0, 0]  # since the last log line: start, steps, chars, max batch
+
+    # -- the caller's side (on the event loop) ------------------------------------------------------
+
+    @property
+    def load(self) -> int:
+        """Sequences being primed, waiting or decoded, plus scores running: what admission counts."""
+        return self._load
+
+    def submit(self, prime: list[int], sampling: Sampling, sink: asyncio.Queue | None = None,
+               index: int = 0) -> Sequence:
+        """Start sampling after `prime` (at least one id). Await `seq.done`; streams read `sink`."""
+        if not prime:
+            raise ValueError("the prime must hold at least one id")
+        loop = asyncio.get_running_loop()
+        self._start(loop)
+        seq = Sequence(prime, sampling, self.device, loop, sink, index)
+        self._load += 1
+        if sampling.max_chars == 0:
+            self._finish(seq, "length")
+            return seq
+        future = loop.run_in_executor(self._prime_pool, self._prime, seq)
+        future.add_done_callback(lambda f: self._primed(seq, f))
+        return seq
+
+    async def score(self, ids: list[int]) -> tuple[float, int]:
+        """(summed loss in nats, characters predicted) of `ids`, on the prime thread."""
+        self._load += 1
+        try:
+            total, count = await asyncio.get_running_loop().run_in_executor(self._prime_pool, self._score, ids)
+        finally:
+            self._load -= 1
+        self._stats["scored_chars"] += count
+        return total, count
+
+    def stats(self) -> dict:
+        steps = self._stats["steps"]
+        return {**{k: v for k, v in self._stats.items() if k != "step_seconds"},
+                "mean_batch": self._stats["chars"] / steps if steps else 0.0,
+                "mean_step_ms": 1e3 * self._stats["step_seconds"] / steps if steps else 0.0,
+                "batch_histogram": {str(k): v for k, v in sorted(self._hist.items())},
+                "active": len(self._rows), "waiting": self._load - len(self._rows),
+                "max_batch": self.max_batch, "min_step_batch": self.min_step_batch,
+                "running": self._task is not None and not self._task.done()}
+
+    def check(self) -> None:
+        """Raise if the decoding task died (a replica health check calls this)."""
+        if self._task is not None and self._task.done() and not self._task.cancelled() and self._task.exception():
+            raise RuntimeError(f"the decoder stopped: {self._task.exception()!r}")
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._step_pool.shutdown(wait=False, cancel_futures=True)
+        self._prime_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def _start(self, loop) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run(), name="charrnn-decoder")
+
+    def _primed(self, seq: Sequence, future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self._fail(seq, future.exception() if not future.cancelled() else RuntimeError("cancelled"))
+        elif seq.cancelled:
+            self._finish(seq, "cancelled")
+        else:
+            self._ready.append(seq)
+            self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._rows and not self._ready:
+                self._log(idle=True)
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            room = self.max_batch - len(self._rows)
+            join, self._ready = self._ready[:room], self._ready[room:]
+            try:
+                finished = await loop.run_in_executor(self._step_pool, self._step, join)
+            except Exception as err:  # a bug, never an input: fail this batch, keep serving
+                self.logger.exception("charrnn decoder: step failed; dropping the batch")
+                for seq in dict.fromkeys(self._rows + join):  # join may be in the batch already
+                    self._fail(seq, err)
+                self._rows, self._state, self._logits, self._params = [], None, None, None
+                continue
+            for seq in finished:
+                self._finish(seq, seq.finish_reason)
+            self._flush_streams()
+            self._log()
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self._load -= 1
+        self._stats["sequences"] += 1
+        if seq.sink is not None:
+            rest = seq._pending(final=True)
+            if rest:
+                seq.sink.put_nowait((seq, rest))
+            seq.sink.put_nowait((seq, None))
+        if not seq.done.done():
+            seq.done.set_result(seq)
+
+    def _fail(self, seq: Sequence, err: BaseException) -> None:
+        self._load -= 1
+        if seq.sink is not None:
+            seq.sink.put_nowait((seq, err))
+        if not seq.done.done():
+            seq.done.set_exception(err)
+
+    def _flush_streams(self) -> None:
+        now = time.monotonic()
+        for seq in self._rows:
+            if seq.sink is not None and not seq.cancelled and (
+                    len(seq.chars) - seq.emitted >= self.flush_chars + max(seq._tail_len - 1, 0)
+                    or now - seq.last_emit >= self.flush_interval_s):
+                text = seq._pending(final=False)
+                if text:
+                    seq.sink.put_nowait((seq, text))
+                    seq.last_emit = now
+
+    def _log(self, idle: bool = False) -> None:
+        """Every log_interval_s while decoding, and when it goes idle: the batch sizes of the steps."""
+        window = self._window
+        now = time.monotonic()
+        if window[1] == self._stats["steps"] or not idle and now - window[0] < self.log_interval_s:
+            return
+        steps, chars = self._stats["steps"] - window[1], self._stats["chars"] - window[2]
+        self.logger.info("charrnn decoder: %d steps in %.1fs, batch mean %.1f max %d, %.0f chars/s, "
+                         "active %d, waiting %d", steps, now - window[0], chars / steps, window[3],
+                         chars / (now - window[0]), len(self._rows), self._load - len(self._rows))
+        self._window = [now, self._stats["steps"], self._stats["chars"], 0]
+
+    # -- torch work (on the pools' threads) -----------------------------------------------------------
+
+    @torch.inference_mode()
+    def _prime(self, seq: Sequence) -> None:
+        logits, seq.state = self.model(torch.tensor([seq.prime], device=self.device))
+        seq.logits = logits[:, -1]
+        self._stats["prime_chars"] += len(seq.prime)
+
+    @torch.inference_mode()
+    def _score(self, ids: list[int]) -> tuple[float, int]:
+        return score(self.model, ids)
+
+    @torch.inference_mode()
+    def _step(self, join: list[Sequence]) -> list[Sequence]:
+        """Join `join` to the batch, sample one character for every row, drop the finished rows and
+        run the survivors one step through the network. Returns the rows that finished."""
+        start = time.perf_counter()
+        if join:
+            states = ([self._state] if self._rows else []) + [s.state for s in join]
+            self._state = _state_map(lambda *parts: torch.cat(parts, dim=1), *states)
+            self._logits = torch.cat(([self._logits] if self._rows else []) + [s.logits for s in join])
+            for s in join:
+                s.state = s.logits = None
+            self._rows = self._rows + join
+            self._params = None
+        rows = self._rows
+        if self._params is None:
+            vocab = self.model.config.vocab_size
+            self._params = (torch.tensor([r.sampling.temperature for r in rows], device=self.device),
+                            torch.tensor([min(r.sampling.top_k or 0, vocab) for r in rows], device=self.device),
+                            # float32 has no 1e-300: a tiny top_p means "the likeliest only" anyway
+                            torch.tensor([max(r.sampling.top_p, 1e-6) for r in rows], device=self.device))
+        ids = sample_next(self._logits, *self._params, generator=[r.generator for r in rows])
+        finished, keep = [], []
+        for i, (row, token) in enumerate(zip(rows, ids.tolist())):
+            if row.cancelled:
+                row.finish_reason = "cancelled"
+                finished.append(row)
+            elif row._push(self.table[token]):
+                finished.append(row)
+            else:
+                keep.append(i)
+        if len(keep) < len(rows):
+            self._rows = [rows[i] for i in keep]
+            self._params = None
+            if keep:
+                index = torch.tensor(keep, device=self.device)
+                ids = ids[index]
+                self._state = _state_map(lambda s: s.index_select(1, index), self._state)
+        if keep:
+            self._logits, self._state = self._forward(ids, self._state)
+        else:
+            self._state = self._logits = None
+        stats = self._stats
+        stats["steps"] += 1
+        stats["chars"] += len(rows)
+        stats["max_batch_seen"] = max(stats["max_batch_seen"], len(rows))
+        stats["step_seconds"] += time.perf_counter() - start
+        self._hist[len(rows)] = self._hist.get(len(rows), 0) + 1
+        self._window[3] = max(self._window[3], len(rows))
+        return finished
+
+    def _forward(self, ids: torch.Tensor, state):
+        """One step of the network for `ids` [batch], padded to `min_step_batch` rows."""
+        batch = ids.shape[0]
+        pad = self.min_step_batch - batch
+        x = ids.view(batch, 1)
+        if pad > 0:
+            x = torch.cat([x, x.new_zeros(pad, 1)])
+            state = _state_map(lambda s: torch.cat([s, s.new_zeros(s.shape[0], pad, s.shape[2])], dim=1), state)
+        logits, state = self.model(x, state)
+        if pad > 0:
+            state = _state_map(lambda s: s[:, :batch].contiguous(), state)
+        return logits[:batch, -1], state
+
+    @staticmethod
+    @torch.inference_mode()
+    def measure_min_step_batch(model: CharRNN, max_batch: int) -> int:
+        """The smallest m such that one step of every batch of m..max_batch rows gives each row
+        exactly (bit for bit) what the full batch gives it, wherever the row sits."""
+        device = model.head.weight.device
+        g = torch.Generator().manual_seed(0)
+        cfg = model.config
+        x = torch.randint(cfg.vocab_size, (max_batch, 1), generator=g).to(device)
+        state = model.init_state(max_batch)
+        state = _state_map(lambda s: (torch.randn(s.shape, generator=g) * 0.5).to(s), state)
+        want_logits, want_state = model(x, state)
+        for m in range(max_batch - 1, 0, -1):
+            rows = slice(max_batch - m, max_batch)  # the tail: rows move forward as others leave
+            logits, got = model(x[rows], _state_map(lambda s: s[:, rows].contiguous(), state))
+            same = _state_map(lambda a, b: torch.equal(a, b[:, rows]), got, want_state)
+            if not (torch.equal(logits, want_logits[rows]) and all(same if isinstance(same, tuple) else [same])):
+                return m + 1
+        return 1

@@ -1,0 +1,595 @@
+"""deploy/: the continuous-batching decoder, the HTTP API on Ray Serve (loopback, a free port), the
+OpenAI client against it, the Python client and the `charrnn serve` / `charrnn query` commands.
+
+The model is a tiny LSTM trained here in a plain loop for a few seconds (no Ray Train)."""
+import asyncio
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+import torch.nn.functional as F
+import yaml
+
+from conftest import REPO, run_cli, write_story_corpus
+from deploy.decoder import Decoder, Sampling
+from models import CharRNN, ModelConfig, load_model, save_model, score
+from pipeline.vocab import Vocabulary
+
+LIMITS = dict(max_prime_chars=300, max_chars=400, max_n=4, max_score_chars=2000, max_body_bytes=8192,
+              max_concurrent=48, max_queued=64)
+DECODER = dict(flush_chars=8, log_interval_s=0.2)  # small chunks and frequent log lines, for the tests
+PRIME = "The cat "
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def outside_ip() -> str | None:
+    """An address of this machine that is not loopback, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+def refuses(ip: str, port: int) -> bool:
+    try:
+        socket.create_connection((ip, port), timeout=2).close()
+        return False
+    except OSError:
+        return True
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """RUN_DIR/model: a 2x48 LSTM that has learned the story grammar (about 100 Adam steps)."""
+    tmp = tmp_path_factory.mktemp("serve")
+    text = write_story_corpus(tmp / "story.txt", 30_000)
+    vocab = Vocabulary.from_counts(Counter(map(ord, text)))
+    ids = torch.from_numpy(vocab.encode(text).astype("int64"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on a busy 2-core machine are far slower than one
+    try:
+        torch.manual_seed(0)
+        config = ModelConfig(vocab_size=vocab.size, layers=2, hidden=48, dropout=0.0)
+        model = CharRNN(config)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(100):
+            starts = torch.randint(len(ids) - 49, (32,), generator=g)
+            batch = torch.stack([ids[s : s + 49] for s in starts])
+            logits, _ = model(batch[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, vocab.size), batch[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 1.0, loss.item()
+    save_model(model, config, vocab.to_json(), tmp / "run" / "model", info={"step": 100})
+    return tmp / "run"
+
+
+# -- the decoder alone (no Ray) --------------------------------------------------------------------
+
+def _decode_all(decoder: Decoder, requests_: list[tuple[list[int], Sampling]]) -> list:
+    async def go():
+        seqs = [decoder.submit(p, s) for p, s in requests_]
+        await asyncio.gather(*(s.done for s in seqs))
+        return seqs
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_decoder_rows_are_bit_identical_alone_or_in_a_batch(cell):
+    """The padded batched step gives a row exactly what it gets alone: same logits, same state.
+    (Unpadded, a batch of one takes another matrix kernel, whose rounding differs in the last bits.)"""
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=60, hidden=128, layers=2, cell=cell)).eval()
+    decoder = Decoder(model, [chr(65 + i) for i in range(60)], max_batch=32)
+    try:
+        ids = torch.randint(60, (20,))
+        state = model.init_state(20)
+        state = tuple(torch.randn_like(s) for s in state) if cell == "lstm" else torch.randn_like(state)
+        parts = lambda s: s if isinstance(s, tuple) else (s,)
+        pick = lambda s, rows: tuple(p[:, rows] for p in s) if cell == "lstm" else s[:, rows]
+        with torch.inference_mode():
+            crowd_logits, crowd_state = decoder._forward(ids, state)
+            for row in (0, 7, 19):
+                alone_logits, alone_state = decoder._forward(ids[row:row + 1], pick(state, slice(row, row + 1)))
+                assert torch.equal(alone_logits[0], crowd_logits[row])
+                assert all(torch.equal(a[:, 0], c) for a, c in zip(parts(alone_state), parts(pick(crowd_state, row))))
+    finally:
+        decoder.close()
+
+
+def test_decoder_cancel_frees_the_place(run_dir):
+    model, _, vocab_json, _ = load_model(run_dir / "model")
+    decoder = Decoder(model, list(Vocabulary.from_json(vocab_json).chars) + ["?"], max_batch=4)
+
+    async def go():
+        seq = decoder.submit([1, 2, 3], Sampling(max_chars=10**6, seed=1))
+        while len(seq.chars) < 20:
+            await asyncio.sleep(0.01)
+        assert decoder.load == 1
+        seq.cancel()
+        await seq.done
+        return seq
+    try:
+        seq = asyncio.run(go())
+        assert seq.finish_reason == "cancelled" and decoder.load == 0 and decoder.stats()["active"] == 0
+    finally:
+        decoder.close()
+
+
+def test_decoder_same_seed_same_text_alone_or_in_a_crowd(run_dir):
+    model, _, vocab_json, _ = load_model(run_dir / "model")
+    vocab = Vocabulary.from_json(vocab_json)
+    decoder = Decoder(model, vocab.chars + ["\ufffd"], max_batch=32)
+    try:
+        prime = vocab.encode(PRIME).tolist()
+        wanted = Sampling(max_chars=150, temperature=1.3, top_k=10, top_p=0.95, seed=42)
+        [alone] = _decode_all(decoder, [(prime, wanted)])
+        others = [(vocab.encode(p).tolist(), Sampling(max_chars=40 + 9 * i, temperature=0.5 + i / 8, seed=i,
+                                                       top_k=None if i % 2 else 3))
+                  for i, p in enumerate(["A dog", "Anna ", "My friend", "The"] * 4)]
+        crowd = _decode_all(decoder, others[:8] + [(prime, wanted)] + others[8:])
+        assert decoder.stats()["max_batch_seen"] > 8
+        assert crowd[8].text == alone.text and len(alone.text) == 150 and alone.finish_reason == "length"
+        assert len({s.text for s in crowd}) == 17
+    finally:
+        decoder.close()
+
+
+def test_decoder_stop_strings_and_streamed_chunks(run_dir):
+    model, _, vocab_json, _ = load_model(run_dir / "model")
+    vocab = Vocabulary.from_json(vocab_json)
+    decoder = Decoder(model, vocab.chars + ["\ufffd"], max_batch=8, flush_chars=3)
+
+    async def go():
+        sink = asyncio.Queue()
+        seq = decoder.submit(vocab.encode("Anna").tolist(), Sampling(max_chars=300, seed=5, stop=("sister", ".")), sink)
+        chunks = []
+        while (item := await sink.get())[1] is not None:
+            chunks.append(item[1])
+        return seq, chunks
+    try:
+        seq, chunks = asyncio.run(go())
+        assert seq.finish_reason == "stop" and "." not in seq.text and "sister" not in seq.text
+        assert "".join(chunks) == seq.text and len(chunks) > 1
+        [free] = _decode_all(decoder, [(vocab.encode("Anna").tolist(), Sampling(max_chars=300, seed=5))])
+        cut = min(i for i in (free.text.find("sister"), free.text.find(".")) if i >= 0)
+        assert free.text[:cut] == seq.text  # the stop string only cuts: the text before it is the same
+    finally:
+        decoder.close()
+
+
+def test_decoder_survives_a_failing_step(run_dir):
+    """A bug in a step fails the sequences of that batch, frees their places and keeps decoding."""
+    model, _, vocab_json, _ = load_model(run_dir / "model")
+    decoder = Decoder(model, list(Vocabulary.from_json(vocab_json).chars) + ["?"], max_batch=4)
+    forward, calls = decoder._forward, []
+
+    def broken_once(ids, state):
+        if len(ids) == 2 and not calls:  # the first step with both sequences in the batch
+            calls.append(1)
+            raise RuntimeError("boom")
+        return forward(ids, state)
+    decoder._forward = broken_once
+
+    async def go():
+        seqs = [decoder.submit([1, 2], Sampling(max_chars=300, seed=i)) for i in range(2)]
+        results = await asyncio.gather(*(s.done for s in seqs), return_exceptions=True)
+        assert [str(r) for r in results] == ["boom", "boom"] and decoder.load == 0
+        later = decoder.submit([1, 2], Sampling(max_chars=50, seed=0))
+        await later.done
+        return later
+    try:
+        assert len(asyncio.run(go()).text) == 50
+        decoder.check()
+    finally:
+        decoder.close()
+
+
+# -- the server --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(ray_local, run_dir):
+    """The model served on 127.0.0.1 at a free port (app "charrnn" at /), plus a second, tight app
+    built from deploy/serve_config.yaml's builder (one sequence at a time, no queue) at /tight."""
+    from ray import serve
+
+    from deploy.app import app_builder, build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(str(run_dir), limits=LIMITS, decoder=DECODER), name="charrnn", route_prefix="/")
+        config = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
+        args = dict(config["applications"][0]["args"], model=f"file://{run_dir}", name="tight", max_concurrent=1,
+                    max_queued=0, max_n=1, autoscale="1:1")  # a URI, and an autoscaling config Serve accepts
+        del args["replicas"]
+        serve.run(app_builder(args), name="tight", route_prefix="/tight")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def post(url, path, body, **kw) -> requests.Response:
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return requests.post(url + path, data=data, timeout=120, **kw)
+
+
+def sse(response: requests.Response) -> list:
+    """Every `data:` event of a Server-Sent Events body, JSON-decoded ([DONE] as the string)."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = []
+    for block in response.text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            data = block[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_serves_on_loopback_only(server):
+    port = int(server.rsplit(":", 1)[1])
+    assert requests.get(server + "/healthz", timeout=30).status_code == 200
+    ip = outside_ip()
+    if ip is not None:
+        assert refuses(ip, port), f"the server answers on {ip}:{port}, not only on 127.0.0.1"
+
+
+def test_health_models_and_stats(server):
+    health = requests.get(server + "/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["model"] == "run" and health["stats"]["running"] in (True, False)
+    models = requests.get(server + "/v1/models", timeout=30).json()
+    assert models["object"] == "list"
+    assert [(m["id"], m["object"], m["owned_by"]) for m in models["data"]] == [("run", "model", "charrnn")]
+    stats = requests.get(server + "/v1/stats", timeout=30).json()
+    assert stats["limits"] == LIMITS and stats["network"]["hidden"] == 48 and stats["decoder"]["max_batch"] == 48
+
+
+def test_generate_and_same_seed(server):
+    body = {"prime": PRIME, "max_chars": 120, "temperature": 0.8, "top_k": 5, "top_p": 0.9, "seed": 7}
+    first = post(server, "/v1/generate", body)
+    assert first.status_code == 200, first.text
+    out = first.json()
+    assert out["chars"] == len(out["text"]) == 120 and out["finish_reason"] == "length" and out["seed"] == 7
+    assert re.search(r"[a-z]+ [a-z]+", out["text"])  # the model learned words
+    assert post(server, "/v1/generate", body).json()["text"] == out["text"]
+    assert post(server, "/v1/generate", {**body, "seed": 8}).json()["text"] != out["text"]
+    unseeded = post(server, "/v1/generate", {"prime": PRIME, "max_chars": 30}).json()
+    assert isinstance(unseeded["seed"], int) and len(unseeded["text"]) == 30
+    replay = post(server, "/v1/generate", {"prime": PRIME, "max_chars": 30, "seed": unseeded["seed"]}).json()
+    assert replay["text"] == unseeded["text"]
+    zero = post(server, "/v1/generate", {"prime": "x", "max_chars": 0, "seed": 0}).json()
+    assert zero == {"text": "", "chars": 0, "finish_reason": "length", "seed": 0, "model": "run"}
+
+
+def test_generate_with_stop_and_unknown_characters(server):
+    out = post(server, "/v1/generate", {"prime": "Anna", "max_chars": 300, "seed": 3, "stop": ["."]}).json()
+    assert out["finish_reason"] == "stop" and "." not in out["text"] and 0 < out["chars"] < 300
+    # é, the snowman, a tab, a lone surrogate and CRLF are not in the vocabulary (or not characters)
+    odd = post(server, "/v1/generate", '{"prime": "The caf\\u00e9 \\u2603\\t\\ud800\\r\\n", "max_chars": 20, "seed": 1}')
+    assert odd.status_code == 200, odd.text
+    assert odd.json()["chars"] == 20
+
+
+def test_generate_stream(server):
+    body = {"prime": PRIME, "max_chars": 150, "top_k": 5, "seed": 11}
+    response = post(server, "/v1/generate", {**body, "stream": True}, stream=True)
+    assert response.status_code == 200
+    events = sse(response)
+    *chunks, final = events
+    assert len(chunks) > 1 and all(set(e) == {"text"} and e["text"] for e in chunks)
+    assert final == {"text": "", "finish_reason": "length", "chars": 150, "seed": 11}
+    assert "".join(e["text"] for e in chunks) == post(server, "/v1/generate", body).json()["text"]
+
+
+def test_python_client(server):
+    from deploy.client import CharRNNClient, ServerError
+
+    client = CharRNNClient(server)
+    assert client.health()["status"] == "ok" and client.models() == ["run"]
+    text = client.generate(PRIME, max_chars=60, seed=2)["text"]
+    assert "".join(client.stream(PRIME, max_chars=60, seed=2)) == text
+    assert client.last["finish_reason"] == "length" and client.last["chars"] == 60
+    assert client.completions(PRIME, max_tokens=60, seed=2)["choices"][0]["text"] == text
+    assert client.score("The cat sees a bird.")["chars"] == 19
+    with pytest.raises(ServerError) as err:
+        client.generate(PRIME, temperature=0)
+    assert err.value.status == 422 and err.value.param == "temperature" and "temperature" in err.value.message
+
+
+def test_openai_client(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["run"]
+
+    done = client.completions.create(model="run", prompt=PRIME, max_tokens=80, seed=5, temperature=0.9, top_p=0.95,
+                                     extra_body={"top_k": 5})
+    assert done.object == "text_completion" and done.model == "run"
+    [choice] = done.choices
+    assert choice.index == 0 and choice.finish_reason == "length" and len(choice.text) == 80
+    assert done.usage.prompt_tokens == len(PRIME) and done.usage.completion_tokens == 80
+    assert done.usage.total_tokens == len(PRIME) + 80
+    same = post(server, "/v1/generate", {"prime": PRIME, "max_chars": 80, "seed": 5, "temperature": 0.9,
+                                         "top_p": 0.95, "top_k": 5}).json()
+    assert same["text"] == choice.text  # one engine behind both routes
+
+    two = client.completions.create(model="run", prompt=PRIME, max_tokens=40, seed=5, n=2, temperature=0.9,
+                                    top_p=0.95, stop=["."], extra_body={"top_k": 5})
+    assert [c.index for c in two.choices] == [0, 1]
+    assert choice.text.startswith(two.choices[0].text)  # seed, then seed + 1 for the second choice
+    assert all("." not in c.text for c in two.choices)
+
+    chunks = list(client.completions.create(model="run", prompt=PRIME, max_tokens=80, seed=5, temperature=0.9,
+                                            top_p=0.95, stream=True, extra_body={"top_k": 5}))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert chunks[-1].choices[0].finish_reason == "length" and len(chunks) > 2
+
+    greedy = client.completions.create(model="run", prompt=PRIME, max_tokens=30, temperature=0)
+    assert greedy.choices[0].text == client.completions.create(model="run", prompt=PRIME, max_tokens=30,
+                                                               temperature=0).choices[0].text
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.completions.create(model="run", prompt=PRIME, max_tokens=10, top_p=1.5)
+    assert err.value.body["param"] == "top_p"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt=PRIME, max_tokens=10)
+
+
+def test_completions_stream_raw_format(server):
+    response = post(server, "/v1/completions", {"model": "run", "prompt": [PRIME, "Anna"], "max_tokens": 20,
+                                                "stream": True, "stream_options": {"include_usage": True},
+                                                "seed": 1, "echo": True})
+    events = sse(response)
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 40
+    texts = {0: "", 1: ""}
+    for e in events[:-2]:
+        assert e["object"] == "text_completion" and e["model"] == "run"
+        [c] = e["choices"]
+        texts[c["index"]] += c["text"]
+    assert texts[0].startswith(PRIME) and texts[1].startswith("Anna") and len(texts[1]) == 24
+
+
+def test_score(server, run_dir):
+    text = "The cat sees a bird. Anna waits for the train."
+    out = post(server, "/v1/score", {"text": text}).json()
+    model, _, vocab_json, _ = load_model(run_dir / "model")
+    total, count = score(model, Vocabulary.from_json(vocab_json).encode(text).tolist())
+    assert out["chars"] == count == len(text) - 1
+    assert out["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert out["bits_per_char"] == pytest.approx(out["loss"] / math.log(2))
+    assert out["bits_per_char"] < 2.0  # far below uniform (log2 of ~30 = 4.9): the model learned the grammar
+
+
+BAD = [  # (path, body, status, param, words in the message)
+    ("/v1/generate", '{"prime": "The", ', 400, None, "not valid JSON"),
+    ("/v1/generate", '["The"]', 400, None, "JSON object"),
+    ("/v1/generate", '{"prime": "The", "temperature": NaN}', 400, None, "not valid JSON"),
+    ("/v1/generate", '{"prime": 5}', 400, "prime", "must be a string"),
+    ("/v1/generate", '{"prime": "The", "max_chars": "10"}', 400, "max_chars", "must be an integer"),
+    ("/v1/generate", '{"prime": "The", "top_k": 2.5}', 400, "top_k", "must be an integer"),
+    ("/v1/generate", '{"prime": "The", "stream": "yes"}', 400, "stream", "must be a boolean"),
+    ("/v1/generate", '{"prime": "The", "seed": true}', 400, "seed", "must be an integer"),
+    ("/v1/generate", '{"prime": "The", "max_tokens": 10}', 400, "max_tokens", "unrecognized"),
+    ("/v1/generate", '{"max_chars": 10}', 400, "prime", "required"),
+    ("/v1/generate", '{"prime": "The", "temperature": 0}', 422, "temperature", "0 < temperature"),
+    ("/v1/generate", '{"prime": "The", "temperature": -1}', 422, "temperature", "0 < temperature"),
+    ("/v1/generate", '{"prime": "The", "temperature": 1e999}', 422, "temperature", "temperature <="),
+    ("/v1/generate", '{"prime": "The", "top_k": 0}', 422, "top_k", ">= 1"),
+    ("/v1/generate", '{"prime": "The", "top_p": 1.5}', 422, "top_p", "(0, 1]"),
+    ("/v1/generate", '{"prime": "The", "top_p": 0}', 422, "top_p", "(0, 1]"),
+    ("/v1/generate", '{"prime": "The", "max_chars": 401}', 422, "max_chars", "[0, 400]"),
+    ("/v1/generate", '{"prime": "The", "max_chars": -1}', 422, "max_chars", "[0, 400]"),
+    ("/v1/generate", '{"prime": ""}', 422, "prime", "empty"),
+    ("/v1/generate", json.dumps({"prime": "a" * 301}), 422, "prime", "limit is 300"),
+    ("/v1/generate", '{"prime": "The", "seed": 99999999999999999999999}', 422, "seed", "64-bit"),
+    ("/v1/generate", '{"prime": "The", "stop": [""]}', 422, "stop", "1 to 64"),
+    ("/v1/generate", '{"prime": "The", "stop": 5}', 400, "stop", "string"),
+    ("/v1/completions", '{"prompt": "The", "n": 5}', 422, "n", "[1, 4]"),
+    ("/v1/completions", '{"prompt": ["The", "A", "B"], "n": 2}', 422, "n", "limit is 4"),
+    ("/v1/completions", '{"prompt": "The", "max_tokens": 401}', 422, "max_tokens", "[0, 400]"),
+    ("/v1/completions", '{"prompt": "The", "temperature": -0.5}', 422, "temperature", "0 <= temperature"),
+    ("/v1/completions", '{"prompt": [1, 2, 3]}', 422, "prompt", "token ids"),
+    ("/v1/completions", '{"prompt": "The", "logprobs": 5}', 422, "logprobs", "not supported"),
+    ("/v1/completions", '{"prompt": "The", "model": "other"}', 404, "model", "does not exist"),
+    ("/v1/completions", '{"prompt": 5}', 400, "prompt", "must be a string"),
+    ("/v1/score", '{"text": "a"}', 422, "text", "at least two"),
+    ("/v1/score", json.dumps({"text": "ab" * 1001}), 422, "text", "limit is 2000"),
+    ("/v1/score", '{"text": null}', 400, "text", "required"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param, words", BAD, ids=[f"{b[0]}:{b[1][:40]}" for b in BAD])
+def test_bad_input(server, path, body, status, param, words):
+    response = post(server, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param"}
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_body_limit_unknown_route_and_method(server):
+    big = post(server, "/v1/generate", json.dumps({"prime": "a", "pad": "x" * 9000}))
+    assert big.status_code == 413 and "8192 bytes" in big.json()["error"]["message"]
+    missing = requests.get(server + "/v2/nothing", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    wrong = requests.get(server + "/v1/generate", timeout=30)
+    assert wrong.status_code == 405 and "GET" in wrong.json()["error"]["message"]
+    assert requests.get(server + "/healthz", timeout=30).status_code == 200  # still serving
+
+
+def test_overload_is_429_with_retry_after(server):
+    """The tight app decodes one sequence and queues none: a second request while one streams is refused."""
+    url = server + "/tight"
+    with post(url, "/v1/generate", {"prime": PRIME, "max_chars": 400, "stream": True, "seed": 1}, stream=True) as busy:
+        assert busy.status_code == 200
+        lines = busy.iter_lines()
+        assert next(line for line in lines if line.startswith(b"data:"))  # decoding has started
+        refused = post(url, "/v1/generate", {"prime": PRIME, "max_chars": 10})
+        assert refused.status_code == 429, refused.text
+        assert int(refused.headers["Retry-After"]) >= 1
+        error = refused.json()["error"]
+        assert error["type"] == "overloaded_error" and "retry" in error["message"]
+        assert post(url, "/v1/score", {"text": "The cat"}).status_code == 429
+    deadline = time.time() + 60  # the stream was dropped: its sequence leaves, the next request is served
+    while (ok := post(url, "/v1/generate", {"prime": PRIME, "max_chars": 10})).status_code == 429:
+        assert time.time() < deadline, "the dropped stream never released its place"
+        time.sleep(0.2)
+    assert ok.status_code == 200 and ok.json()["chars"] == 10
+
+
+def test_32_concurrent_clients_are_batched_and_seeds_hold(server, ray_local):
+    alone = post(server, "/v1/generate", {"prime": "Anna ", "max_chars": 200, "seed": 1234, "top_k": 8}).json()
+    before = requests.get(server + "/v1/stats", timeout=30).json()["decoder"]
+
+    def client(i):
+        if i == 16:
+            body = {"prime": "Anna ", "max_chars": 200, "seed": 1234, "top_k": 8}
+        else:
+            body = {"prime": PRIME if i % 2 else "A dog ", "max_chars": 150 + i, "seed": i, "temperature": 0.7 + i / 50}
+        response = post(server, "/v1/generate", body)
+        return response.status_code, response.json()
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(client, range(32)))
+    assert [status for status, _ in results] == [200] * 32, [r for r in results if r[0] != 200][:2]
+    assert all(out["chars"] == 150 + i for i, (_, out) in enumerate(results) if i != 16)
+    assert results[16][1]["text"] == alone["text"]  # same seed, same text, alone or in a crowd
+
+    after = requests.get(server + "/v1/stats", timeout=30).json()["decoder"]
+    batched = {int(size): n - before["batch_histogram"].get(size, 0) for size, n in after["batch_histogram"].items()}
+    assert max(size for size, n in batched.items() if n > 0) > 8, batched
+    assert after["sequences"] - before["sequences"] == 32
+
+    # ... and the replica's log says so too
+    logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    deadline = time.time() + 30
+    while True:
+        lines = [line for f in logs.glob("replica_charrnn_CharRNNServer_*.log")
+                 for line in f.read_text(errors="replace").splitlines() if "charrnn decoder:" in line]
+        biggest = max((int(m.group(1)) for m in (re.search(r"batch mean [\d.]+ max (\d+)", l) for l in lines) if m),
+                      default=0)
+        if biggest > 1 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert biggest > 8, lines[-5:]
+
+
+def test_deployment_options_and_config_file(run_dir):
+    from ray.serve.schema import ServeDeploySchema
+
+    from deploy.app import app_builder, deployment_options
+    from deploy.limits import Limits
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text()))
+    assert config.http_options.host == "127.0.0.1"
+    [app] = config.applications
+    assert app.import_path == "deploy.app:app_builder" and set(app.args) >= {"model", "replicas", "max_concurrent"}
+    with pytest.raises(ValueError, match="unknown application arguments: colour"):
+        app_builder({"model": str(run_dir), "colour": "red"})
+    app_builder({"model": str(run_dir), "replicas": "2", "gpu": "false", "max_chars": "10"})  # `serve run` passes strings
+
+    limits = Limits(max_concurrent=32, max_queued=100)
+    fixed = deployment_options(limits, replicas=3)
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["max_ongoing_requests"] > 132 and fixed["backpressure_config"] == {"status_code": 429, "retry_after_s": 1}
+    scaled = deployment_options(limits, autoscale=(2, 5), gpu=True, num_cpus=2)
+    assert scaled["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5, "initial_replicas": 2,
+                                            "target_ongoing_requests": 16}
+    assert "num_replicas" not in scaled and scaled["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+def cli_error(capsys, *args) -> str:
+    """`charrnn ARGS` in this process, for errors raised before any Ray or HTTP work: the one line."""
+    from charrnn.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert exit_.value.code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_query_cli(server, capsys):
+    want = post(server, "/v1/generate", {"prime": PRIME, "max_chars": 50, "seed": 9, "top_k": 4}).json()["text"]
+    args = ["query", "--url", server, "--prime", PRIME, "--max-chars", 50, "--seed", 9, "--top-k", 4]
+    plain = run_cli(*args, timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == PRIME + want + "\n"
+    streamed = run_cli(*args, "--stream", timeout=120)
+    assert streamed.returncode == 0 and streamed.stdout == PRIME + want + "\n"
+    assert "HTTP 422 (temperature)" in cli_error(capsys, *args, "--temperature", 0)
+    assert "cannot connect" in cli_error(capsys, "query", "--url", f"http://127.0.0.1:{free_port()}")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "/no/such/run"], "does not exist"),
+    (["--autoscale", "3:1"], "0 <= MIN <= MAX"),
+    (["--autoscale", "two"], "MIN:MAX"),
+    (["--max-n", "100"], "max_n"),
+    (["--port", "70000"], "--port"),
+])
+def test_serve_cli_rejects_bad_options(run_dir, capsys, args, words):
+    full = ["--model", run_dir, *args] if args[0] != "--model" else args
+    assert words in cli_error(capsys, "serve", *full)
+
+
+def test_serve_cli_end_to_end(run_dir):
+    """`charrnn serve` in its own process (its own local Ray): answers, then stops cleanly on SIGINT."""
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "charrnn", "serve", "--model", str(run_dir), "--port", str(port),
+                             "--num-cpus", "1", "--max-chars", "100"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 240
+        while not any("serving" in line for line in out):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "charrnn serve did not come up"
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}"
+        assert f"at {url}" in out[0] and "curl" in "".join(out)
+        query = run_cli("query", "--url", url, "--prime", "Anna", "--max-chars", 30, "--seed", 1, timeout=120)
+        assert query.returncode == 0 and len(query.stdout) == len("Anna") + 30 + 1, query.stderr
+        assert post(url, "/v1/generate", {"prime": "Anna", "max_chars": 101}).status_code == 422
+        ip = outside_ip()
+        if ip is not None:
+            assert refuses(ip, port)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert code == 0, proc.stderr.read()
+    assert refuses("127.0.0.1", port)
