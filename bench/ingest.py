@@ -223,6 +223,26 @@ def _descendants(children: dict[int, list[int]], root: int) -> set[int]:
     return found
 
 
+def wait_quiet(limit_s: float) -> bool:
+    """Wait up to `limit_s` for other processes to go quiet (under 0.15 cores busy over 3 s); while
+    this benchmark waits it is idle itself, so the machine's busy time is theirs."""
+    deadline = time.perf_counter() + limit_s
+    while True:
+        before = _busy_ticks()
+        time.sleep(3)
+        busy, total = (a - b for a, b in zip(_busy_ticks(), before))
+        if busy / total * os.cpu_count() < 0.15:
+            return True
+        if time.perf_counter() > deadline:
+            return False
+
+
+def _busy_ticks() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # all but idle and iowait, all
+
+
 def run_sampled(cmd: list[str], interval: float, **kwargs) -> tuple[subprocess.CompletedProcess, float, dict]:
     """Run `cmd` in its own session; wall seconds and the memory peaks of it and its children."""
     t0 = time.perf_counter()
@@ -271,13 +291,18 @@ def classic_encode(corpus: dict, limit_mb: float, interval: float) -> dict:
     figures = json.loads(result.stdout)
     return {"mb": round(figures["mb"], 1), "seconds": round(figures["seconds"], 2),
             "mb_per_s": round(figures["mb"] / figures["seconds"], 2), "prefix_only": limit < corpus["bytes"],
-            "chars": figures["chars"], **memory}
+            "mb_per_cpu_s": round(figures["mb"] / max(memory["cpu_s"], 0.01), 2), "chars": figures["chars"], **memory}
 
 
-def inprocess_prepare(corpus: dict, warmup: dict, out: Path, num_cpus: int, interval: float) -> dict:
+def inprocess_prepare(corpus: dict, warmup: dict, out: Path, num_cpus: int, interval: float,
+                      settle=lambda: None) -> dict:
+    import logging
+
     import ray
 
     from pipeline import PrepareOptions, prepare
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # progress lines on stderr
 
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING")
@@ -286,6 +311,7 @@ def inprocess_prepare(corpus: dict, warmup: dict, out: Path, num_cpus: int, inte
         # Start the workers and import everything in them, with many small tasks so that each worker gets some.
         prepare([warmup["path"]], str(out), PrepareOptions(range_mb=0.05), log=lambda msg: None)
         shutil.rmtree(out)
+        settle()
         sampler = TreeSampler(os.getpid(), interval)
         sampler.start()
         t0 = time.perf_counter()
@@ -296,9 +322,11 @@ def inprocess_prepare(corpus: dict, warmup: dict, out: Path, num_cpus: int, inte
         ray.shutdown()
     check_manifest(manifest, corpus)
     shutil.rmtree(out)
+    report = sampler.report()
     return {"seconds": round(seconds, 2), "mb_per_s": round(corpus["bytes"] / MB / seconds, 1),
+            "mb_per_cpu_s": round(corpus["bytes"] / MB / max(report["cpu_s"], 0.01), 2),
             "vocab_chars": manifest["vocab"]["chars"], "shards": len(shard_digests(manifest)),
-            "shard_sha256": shard_digests(manifest), **sampler.report()}
+            "shard_sha256": shard_digests(manifest), **report}
 
 
 def main() -> None:
@@ -311,6 +339,8 @@ def main() -> None:
     ap.add_argument("--sample-s", type=float, default=0.2, help="memory sampling interval (default 0.2 s)")
     ap.add_argument("--tmp", default=None, help="folder for the generated corpora and outputs (default: system temp)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
+                    help="before each timed step, wait up to S seconds for other processes to go idle (default 0)")
     ap.add_argument("--quick", action="store_true", help="smoke run: sizes 16,128 MB, throughput 32 MB")
     args = ap.parse_args()
     if args.quick:
@@ -320,21 +350,29 @@ def main() -> None:
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="charrnn-bench-ingest-", dir=args.tmp))
     log = lambda msg: print(f"[{time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    quiet = {}
+
+    def settle(step: str) -> None:
+        if args.wait_quiet:
+            log(f"waiting up to {args.wait_quiet:g} s for other processes to go idle")
+            quiet[step] = wait_quiet(args.wait_quiet)
+        log(step)
     try:
         log(f"generating the {args.throughput_mb:g} MB throughput corpus in {tmp}")
         corpus = write_corpus(tmp / "throughput", args.throughput_mb, args.seed)
         warmup = write_corpus(tmp / "warmup", 2, args.seed + 1)
-        log("classic encode")
+        settle("classic encode")
         classic = classic_encode(corpus, args.classic_mb, args.sample_s)
-        log("pipeline.prepare in-process")
-        inproc = inprocess_prepare(corpus, warmup, tmp / "out", args.num_cpus, args.sample_s)
-        log("charrnn prepare (CLI)")
+        inproc = inprocess_prepare(corpus, warmup, tmp / "out", args.num_cpus, args.sample_s,
+                                   lambda: settle("pipeline.prepare in-process"))
+        settle("charrnn prepare (CLI)")
         cli = cli_prepare(corpus, tmp / "out", args.num_cpus, args.sample_s)
         shutil.rmtree(corpus["path"])
         memory = {}
         for size in sizes:
-            log(f"generating {size:g} MB and running charrnn prepare on it")
+            log(f"generating {size:g} MB")
             mem_corpus = write_corpus(tmp / f"mem-{size:g}", size, args.seed + 2)
+            settle(f"charrnn prepare on {size:g} MB")
             run = cli_prepare(mem_corpus, tmp / "out", args.num_cpus, args.sample_s)
             run.pop("shard_sha256")
             memory[f"{size:g}"] = {"corpus_bytes": mem_corpus["bytes"], "files": mem_corpus["n_files"], **run}
@@ -358,6 +396,15 @@ def main() -> None:
         "prepare_inprocess": {k: v for k, v in inproc.items() if k not in ("vocab_chars", "shard_sha256")},
         "prepare_cli": {k: v for k, v in cli.items() if k != "shard_sha256"},
         "speedup_vs_classic": round(ratio, 2),
+        "speedup_cli_vs_classic": round(cli["mb_per_s"] / classic["mb_per_s"], 2),
+        # MB per CPU-second (all processes): robust to other load on the machine, unlike MB/s.
+        "cpu_efficiency_vs_classic": round(inproc["mb_per_cpu_s"] / classic["mb_per_cpu_s"], 2),
+        "notes": ["prepare MB/s: corpus bytes on disk / seconds; classic MB/s: bytes of the text it read "
+                  "(CRLF already read as LF), as notebook_charrnn.py computes it",
+                  "in-process: Ray started and its workers warmed up beforehand; CLI: the whole command",
+                  "peak RSS/PSS: summed over the command and all of its Ray processes, sampled from /proc",
+                  "cpu_s: CPU time of the step's processes; other_processes_cpu_s: CPU time other processes "
+                  "on the machine used meanwhile (noise: wall-clock figures are only clean when it is ~0)"],
         "cli_and_inprocess_shards_identical": cli["shard_sha256"] == inproc["shard_sha256"],
         "vocab_matches_classic": None if classic["prefix_only"] else classic["chars"] == inproc["vocab_chars"],
         "memory": memory,
@@ -370,6 +417,7 @@ def main() -> None:
             "memory_ratio_rss_max_1.2": rss_ratio <= 1.2,
             "memory_ratio_pss_max_1.2": pss_ratio <= 1.2,
         },
+        "quiet_before": quiet or None,
         "total_wall_s": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(result, indent=1))
