@@ -166,7 +166,7 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(story_dataset, tmp_pa
     assert not thread.is_alive() and "error" not in outcome, outcome
     assert outcome["summary"]["steps"] == 90
     resumed = [r for r in records(run_dir) if r.get("event") == "resumed"]
-    assert resumed and resumed[0]["step"] >= 40  # from a checkpoint, not from step 0
+    assert resumed and resumed[0]["step"] >= 20  # from a checkpoint, not from step 0
     steps = [r["step"] for r in records(run_dir) if "loss" in r]
     assert steps == list(range(1, 91))
 

@@ -86,7 +86,7 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
         f"({steps_per_epoch:,} steps per epoch), {total_steps:,} steps, {config.workers} worker(s), "
         f"batch {config.batch} (global) x seq {config.seq}")
 
-    cpus = int(ray.available_resources().get("CPU", 1))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = config.threads_per_worker or max(1, cpus // config.workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -94,7 +94,8 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
                            "run_dir": str(run_dir), "total_steps": total_steps, "train_tokens": train_tokens,
                            "threads": threads},
         torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
+                                               resources_per_worker=_worker_resources(config, cpus)),
         run_config=ray.train.RunConfig(
             name="ray", storage_path=str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
@@ -120,6 +121,15 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
     info = json.loads((run_dir / "model" / "config.json").read_text())["info"] if (run_dir / "model").exists() else {}
     return {"steps": metrics.get("step"), "best_val_loss": info.get("val_loss"), "model": str(run_dir / "model"),
             "run_dir": str(run_dir)}
+
+
+def _worker_resources(config: TrainConfig, cpus: int) -> dict:
+    """At most one CPU per worker, leaving one for Ray Data's read tasks: workers that held every
+    CPU would wait forever for the data they stream."""
+    resources = {"CPU": min(1.0, max(cpus - 1, 1) / config.workers)}
+    if config.gpu:
+        resources["GPU"] = 1
+    return resources
 
 
 def _quiet_ordered(ds):
