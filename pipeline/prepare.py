@@ -95,7 +95,10 @@ def prepare(inputs: list[str], out: str, options: PrepareOptions = PrepareOption
 
     staging = f"{out_path.rstrip('/')}.partial-{uuid.uuid4().hex[:12]}"
     staging = _hidden(staging)
-    out_fs.create_dir(staging, recursive=True)
+    # The split folders are made here, once: a worker's late write after an interruption then
+    # fails instead of recreating a staging folder the driver has just deleted.
+    for split in SPLITS:
+        out_fs.create_dir(f"{staging}/{split}", recursive=True)
     try:
         log(f"pass 2/2: encoding {total_chars:,} characters with {vocab.size} ids into shards")
         shards = _encode_pass(sources, vocab, run_plan, options, out_fs, staging)
@@ -269,7 +272,6 @@ def _write_shard(fs, staging: str, name: str, rows: dict, dtype: np.dtype) -> di
 
 
 def _write_bytes(fs: pafs.FileSystem, path: str, payload: bytes) -> None:
-    fs.create_dir(path.rpartition("/")[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(payload)
 
