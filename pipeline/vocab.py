@@ -66,7 +66,7 @@ class Vocabulary:
         order = {c: i for i, c in enumerate(chars)}
         self.counts = [counts[order[c]] for c in self.chars] if counts is not None else None
         self.unknown_id = len(self.chars)
-        self.dtype = np.dtype(np.uint8) if self.size <= 256 else np.dtype(np.uint16)
+        self.dtype = np.dtype(np.uint8) if self.size <= 256 else np.dtype("<u2")  # shards store little-endian
         if self.size > 1 << 16:
             raise ValueError(f"vocabulary of {self.size} ids does not fit uint16")
         self._lookup: np.ndarray | None = None

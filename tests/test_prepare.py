@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import CorpusError, PreparedDataset, PrepareOptions, prepare
+from pipeline.dataset import token_runs
 from pipeline.sources import expand_inputs
 from pipeline.text_ranges import TextRangeDatasource, snap_cut
 from pipeline.vocab import normalize_newlines
@@ -28,7 +29,7 @@ def texts_by_source(dataset: PreparedDataset) -> dict[str, str]:
         for path in dataset.shard_paths(split):
             table = pq.read_table(path)
             for source, offset, tokens in zip(table["source"].to_pylist(), table["char_offset"].to_pylist(),
-                                              table["tokens"].to_pylist()):
+                                              token_runs(table["tokens"], dataset.vocab.dtype)):
                 runs.append((source, offset, dataset.decode(tokens)))
     out: dict[str, list[str]] = {}
     for source, offset, text in sorted(runs):

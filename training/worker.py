@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from models import CharRNN, ModelConfig, load_model, save_model
+from pipeline import Vocabulary
+from pipeline.dataset import token_runs
 from training.config import TrainConfig
 from training.step import evaluate, make_optimizer, train_step
 from training.windows import EpochStream, windows
@@ -27,7 +29,7 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 
 
-def runs_of(dataset, rank: int, world: int):
+def runs_of(dataset, rank: int, world: int, dtype: np.dtype):
     """This rank's token runs (global run number % world == rank) in one pass over the dataset,
     as numpy arrays, zero-copy from Arrow.
 
@@ -38,10 +40,7 @@ def runs_of(dataset, rank: int, world: int):
     cost nothing that shows."""
     for table in dataset.iter_batches(batch_size=64, batch_format="pyarrow", prefetch_batches=2):
         mine = np.asarray(table["run"]) % world == rank
-        for chunk in table["tokens"].filter(mine).chunks:
-            values, offsets = chunk.values.to_numpy(), chunk.offsets.to_numpy()
-            for start, end in zip(offsets[:-1], offsets[1:]):
-                yield values[start:end]
+        yield from token_runs(table["tokens"].filter(mine), dtype)
 
 
 def train_loop_per_worker(job: dict) -> None:
@@ -69,9 +68,10 @@ def train_loop_per_worker(job: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(model)
     module = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
 
+    token_dtype = Vocabulary.from_json(job["vocab"]).dtype
     train_shard = ray.train.get_dataset_shard("train")
-    val_runs = validation_runs(ray.train.get_dataset_shard("validation"), config, rank, world)
-    stream = EpochStream(lambda epoch: runs_of(train_shard, rank, world), position["epoch"], position["taken"])
+    val_runs = validation_runs(ray.train.get_dataset_shard("validation"), config, rank, world, token_dtype)
+    stream = EpochStream(lambda epoch: runs_of(train_shard, rank, world, token_dtype), position["epoch"], position["taken"])
     lanes, seq = config.lanes_per_worker, config.seq
     state = module.init_state(lanes)
     step, best = position["step"], position["best_val_loss"]
@@ -121,11 +121,11 @@ def train_loop_per_worker(job: dict) -> None:
             return
 
 
-def validation_runs(val_shard, config: TrainConfig, rank: int, world: int) -> list[np.ndarray]:
+def validation_runs(val_shard, config: TrainConfig, rank: int, world: int, token_dtype: np.dtype) -> list[np.ndarray]:
     """This rank's share of the validation runs, at most val_max_tokens / world tokens: read once
     and kept, since a bounded set is cheaper to hold than to stream again at every evaluation."""
     budget, used, kept = config.val_max_tokens // world, 0, []
-    for run in runs_of(val_shard, rank, world):
+    for run in runs_of(val_shard, rank, world, token_dtype):
         if used >= budget:
             break
         kept.append(np.array(run[: budget - used + 1]))
