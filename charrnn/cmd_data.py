@@ -42,7 +42,7 @@ def _run_prepare(args) -> int:
     errors = args.errors or ("strict" if args.inputs else "replace")
     options = PrepareOptions(min_count=args.min_count, max_vocab=args.max_vocab, val_fraction=args.val_fraction,
                              run_length=args.run_length, range_mb=args.range_mb, errors=errors)
-    manifest = prepare(args.inputs, args.out, options, before_ray=lambda: connect(args.address, args.num_cpus))
+    manifest = prepare(args.inputs, args.out, options, before_ray=lambda: connect(args.address, args.num_cpus, dashboard=False))
     print(_summary(manifest, args.out))
     return 0
 
