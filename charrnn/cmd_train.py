@@ -6,7 +6,6 @@ import argparse
 from charrnn.ray_session import add_address_option, connect
 
 
-
 def add_commands(sub) -> None:
     from training.config import TrainConfig
 
@@ -37,6 +36,8 @@ def add_commands(sub) -> None:
     opt("--clip", type=float, help=f"gradient-norm clipping (default {d.clip})")
     opt("--epochs", type=float, help=f"passes over the training split (default {d.epochs:g})")
     opt("--max-steps", type=int, help="stop after this many steps (with --epochs: whichever comes first)")
+    opt("--max-minutes", type=float, help="stop after this many minutes of training (checkpointed, evaluated), "
+                                          "whatever --epochs and --max-steps say")
     opt("--val-every", type=int, help=f"evaluate every N steps, and at each epoch end (default {d.val_every})")
     opt("--val-max-tokens", type=int, help=f"validation tokens per evaluation, at most (default {d.val_max_tokens:,})")
     opt("--checkpoint-every", type=int, help=f"checkpoint every N steps, and at the end (default {d.checkpoint_every})")

@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,12 @@ def ray_local():
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "tests")}})
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(*args, timeout=300, **kwargs) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import REPO, run_cli, write_story_corpus
+from conftest import REPO, free_port, run_cli, write_story_corpus
 from deploy.decoder import Decoder, Sampling
 from models import CharRNN, ModelConfig, load_model, save_model, score
 from pipeline.vocab import Vocabulary
@@ -32,12 +32,6 @@ LIMITS = dict(max_prime_chars=300, max_chars=400, max_n=4, max_score_chars=2000,
               max_concurrent=48, max_queued=64)
 DECODER = dict(flush_chars=8, log_interval_s=0.2)  # small chunks and frequent log lines, for the tests
 PRIME = "The cat "
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def outside_ip() -> str | None:

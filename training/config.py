@@ -25,6 +25,7 @@ class TrainConfig:
     clip: float = 5.0
     epochs: Optional[float] = 20.0
     max_steps: Optional[int] = None
+    max_minutes: Optional[float] = None  # wall-time budget of the training loop, per session (a resume starts anew)
     seed: int = 0
     # evaluation, checkpoints, logging
     val_every: int = 200  # steps; also at each epoch end
@@ -55,6 +56,8 @@ class TrainConfig:
             raise TrainingError("give --epochs or --max-steps")
         if self.epochs is not None and self.epochs <= 0 or self.max_steps is not None and self.max_steps < 1:
             raise TrainingError("--epochs and --max-steps must be positive")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise TrainingError(f"--max-minutes must be > 0, got {self.max_minutes}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise TrainingError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.max_failures < 0:

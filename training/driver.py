@@ -28,7 +28,7 @@ from training.worker import TRAINER_STATE, train_loop_per_worker
 
 RUN_FILE = "run.json"
 # What --resume may change: how long to train and on what, not the model, the optimiser or the data.
-RESUMABLE = {"epochs", "max_steps", "workers", "gpu", "threads_per_worker", "max_failures", "val_every",
+RESUMABLE = {"epochs", "max_steps", "max_minutes", "workers", "gpu", "threads_per_worker", "max_failures", "val_every",
              "val_max_tokens", "checkpoint_every", "log_every"}
 
 

@@ -79,6 +79,7 @@ def train_loop_per_worker(job: dict) -> None:
     train_seconds, last_epoch = 0.0, stream.epoch
     steps_this_session = 0
 
+    deadline = time.monotonic() + 60 * config.max_minutes if config.max_minutes else None
     for window in windows(stream, lanes, seq):
         step_started = time.perf_counter()
         loss, grad_norm, state = train_step(ddp_model, optimizer, scheduler, window, state, config.clip, device)
@@ -98,7 +99,8 @@ def train_loop_per_worker(job: dict) -> None:
         record["chars_per_s"] = chars_per_s
         epoch_ended = stream.epoch != last_epoch
         last_epoch = stream.epoch
-        if step % config.val_every == 0 or epoch_ended or step == job["total_steps"]:
+        done = step >= job["total_steps"] or deadline is not None and _any_rank(time.monotonic() > deadline, world, device)
+        if step % config.val_every == 0 or epoch_ended or done:
             val_loss = _validate(module, val_runs, config, device, world)
             record.update(val_loss=val_loss, val_bpc=val_loss / math.log(2))
             if val_loss < best:
@@ -110,10 +112,11 @@ def train_loop_per_worker(job: dict) -> None:
             _append_metrics(run_dir, record)
             if step % config.log_every == 0 or "val_loss" in record:
                 eta = (job["total_steps"] - step) * train_seconds / steps_this_session
+                if deadline is not None:
+                    eta = max(0.0, min(eta, deadline - time.monotonic()))
                 val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
                 _log(rank, f"step {step}/{job['total_steps']} loss {loss_value:.4f}{val} "
                            f"{chars_per_s:,.0f} chars/s ETA {eta / 60:.1f} min")
-        done = step >= job["total_steps"]
         if step % config.checkpoint_every == 0 or done:
             position = {"step": step, "epoch": stream.epoch, "taken": stream.taken, "best_val_loss": best}
             _report_with_checkpoint(rank, record, module, model_config, job, optimizer, scheduler, position)
@@ -148,6 +151,15 @@ def _mean_over_ranks(loss: torch.Tensor, world: int) -> float:
         dist.all_reduce(loss)
         loss /= world
     return float(loss)
+
+
+def _any_rank(flag: bool, world: int, device) -> bool:
+    """True on every rank if it is on any: ranks must agree on when to stop, or DDP hangs."""
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _report_with_checkpoint(rank, record, module, model_config, job, optimizer, scheduler, position) -> None:
