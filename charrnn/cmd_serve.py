@@ -1,6 +1,7 @@
 """charrnn serve / query: the Ray Serve application (deploy/) and its command-line client."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -93,7 +94,7 @@ def _run_serve(args) -> int:
                         threads=args.threads, limits=limits)
     except ValueError as err:  # ModelFolderError is one too: it names the folder
         return _fail("serve", str(err))
-    local = args.address is None
+    local = args.address is None and not os.environ.get("RAY_ADDRESS")  # inside `ray job submit`: a cluster
     if local:  # the proxy will run on this machine: say so now if the port is taken
         try:
             with socket.create_server((args.host, args.port)):
@@ -102,6 +103,11 @@ def _run_serve(args) -> int:
             return _fail("serve", f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
 
     signal.signal(signal.SIGTERM, _interrupt)
+    if local:  # the local Ray's proxy answers 503, not a bare 500, when a replica dies holding a request
+        from deploy.proxy import PROXY_ENV
+
+        for key, value in PROXY_ENV.items():
+            os.environ.setdefault(key, value)
     try:
         connect(args.address, args.num_cpus)
         serve.start(http_options={"host": args.host, "port": args.port})

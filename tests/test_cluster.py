@@ -1,0 +1,196 @@
+"""charrnn on a Ray cluster: a head node started with `ray start --head` on loopback with token
+authentication on, and `charrnn submit` jobs run on it through the Jobs API."""
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import REPO, write_story_corpus
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free on loopback now, all different (other Rays run on this machine: no defaults)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a process, from /proc; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), fields[19]
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+    """Every process below `root`, as (pid, start time): the start time tells a reused pid apart."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))):
+            parents[int(entry.name)] = stat
+    found, frontier = [], {root}
+    while frontier:
+        children = {pid for pid, (ppid, _) in parents.items() if ppid in frontier}
+        found += [(pid, parents[pid][1]) for pid in children]
+        frontier = children
+    return found
+
+
+def _alive(pid: int, started: str) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[1] == started
+
+
+def _ray_executable() -> str:
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else shutil.which("ray")
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A one-node Ray cluster of its own: every port chosen free, its own temp dir (so the machine's
+    /tmp/ray/ray_current_cluster is not touched) and its own token, in its own process group."""
+    root = Path(tempfile.mkdtemp(prefix="crj", dir="/tmp"))  # short: Ray's socket paths live under it
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = _free_ports(9)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
+               PYTHONUNBUFFERED="1", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # stop at once on SIGTERM
+               # The job's `python3 -m charrnn` is this Python, with this project installed.
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    command = [
+        # (Ray advertises the machine's address even when given 127.0.0.1; what listens on loopback
+        # only is the dashboard, with the Jobs API.)
+        _ray_executable(), "start", "--head", "--block", f"--port={gcs}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+        "--num-cpus=2", "--num-gpus=0", "--object-store-memory=200000000", f"--temp-dir={root / 'ray'}",
+        "--disable-usage-stats",
+    ]
+    log = open(root / "head.log", "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start --head exited with {proc.returncode}:\n{(root / 'head.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/api/version", timeout=5).status_code in (200, 401):
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the head's dashboard did not answer at {url}:\n{(root / 'head.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield {"url": url, "env": env, "root": root, "gcs": f"127.0.0.1:{gcs}"}
+    finally:
+        # Only this head's processes: `ray start` stops its own (raylet first, which stops the workers),
+        # then whatever of its process group or its descendants is left (Ray puts workers and job
+        # drivers in process groups of their own).
+        family = _descendants(proc.pid)
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 20
+        while family and time.monotonic() < deadline:
+            family = [p for p in family if _alive(*p)]
+            time.sleep(0.5)
+        for pid, _ in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def submit_command(head, *args) -> list[str]:
+    return [sys.executable, "-m", "charrnn", "submit", "--address", head["url"], *map(str, args)]
+
+
+def submit(head, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """`charrnn submit --address HEAD ARGS` in a real process, from the repository (the working dir)."""
+    return subprocess.run(submit_command(head, *args), capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=head["env"] if env is None else env)
+
+
+@pytest.fixture(scope="module")
+def failing_job(head, tmp_path_factory):
+    """A job whose command fails, submitted as soon as the head is up so that it runs alongside the
+    training job (jobs wait mostly on process start-up: together they take half the time)."""
+    missing = tmp_path_factory.mktemp("failing") / "no-such-corpus.txt"
+    proc = subprocess.Popen(submit_command(head, "--no-working-dir", "--", "train", "--data", missing,
+                                           "--out", missing.parent / "run"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=head["env"])
+    yield proc, missing
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_train_job_writes_a_model(head, failing_job, tmp_path):
+    from models import load_model
+
+    write_story_corpus(tmp_path / "story.txt", 20_000)
+    run = tmp_path / "run"
+    result = submit(head, "--", "train", "--data", tmp_path / "story.txt", "--out", run,
+                    "--layers", 1, "--hidden", 32, "--dropout", 0, "--batch", 1, "--seq", 20, "--max-steps", 10,
+                    "--val-every", 10, "--val-max-tokens", 2000, "--checkpoint-every", 10, "--log-every", 5,
+                    "--workers", 1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The job's own output came back through the log stream.
+    assert "trained 10 steps" in result.stdout, result.stdout
+    assert "succeeded" in result.stderr
+    model, config, vocab, info = load_model(run / "model")
+    assert config.hidden == 32 and config.layers == 1
+    assert config.vocab_size > 10 and len(vocab["chars"]) > 10
+    assert (run / "metrics.jsonl").exists()
+
+
+def test_failed_job_exits_with_its_error(failing_job):
+    proc, missing = failing_job
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stdout + stderr  # the command's own exit code
+    assert "charrnn train: error:" in stdout and str(missing) in stdout  # its message, streamed
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "failed" in errors[0], stderr
+    assert "Traceback" not in stderr
+
+
+def test_client_without_the_token_is_refused(head, tmp_path):
+    env = {k: v for k, v in head["env"].items() if not k.startswith("RAY_AUTH")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    result = submit(head, "--", "verify", tmp_path, env=env, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "RAY_AUTH_MODE=token" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
