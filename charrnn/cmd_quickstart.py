@@ -23,9 +23,9 @@ def add_commands(sub) -> None:
                     "train a small LSTM for --minutes, serve it with Ray Serve on 127.0.0.1, ask it for samples "
                     "over HTTP and print them, then shut down (or keep serving).",
     )
-    p.add_argument("--out", default="runs/quickstart", metavar="RUN_DIR",
-                   help="run folder: the prepared data goes to RUN_DIR/data, the model to RUN_DIR/model "
-                        "(default runs/quickstart)")
+    p.add_argument("--out", default="runs/quickstart", metavar="DIR",
+                   help="where to write: the prepared data to DIR/data, each quickstart's training run to a new "
+                        "DIR/run-N (default runs/quickstart)")
     p.add_argument("--corpus", nargs="+", default=[], metavar="INPUT",
                    help="text to learn, as for `charrnn prepare` (default: the standard library's .py files)")
     p.add_argument("--minutes", type=float, default=5.0, help="training time (default 5)")
@@ -54,19 +54,20 @@ def _run_quickstart(args) -> int:
             pass
     except OSError as err:
         return _fail(f"cannot listen on 127.0.0.1:{args.port}: {err.strerror or err} (choose another --port)")
-    run_dir, started = Path(args.out), time.monotonic()
+    out, started = Path(args.out), time.monotonic()
+    run_dir = next(out / f"run-{n}" for n in range(1, 10**6) if not (out / f"run-{n}").exists())
     say = lambda message: print(f"[quickstart {time.monotonic() - started:5.0f}s] {message}", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     connect(args.address, args.num_cpus)
 
-    say(f"1/4 preparing {' '.join(args.corpus) or 'the standard library'} into {run_dir / 'data'}")
+    say(f"1/4 preparing {' '.join(args.corpus) or 'the standard library'} into {out / 'data'}")
     # Rare characters (the corpus has a few hundred) share the unknown id: a small softmax learns faster.
     options = PrepareOptions(max_vocab=128, errors="strict" if args.corpus else "replace")
-    manifest = prepare(args.corpus, str(run_dir / "data"), options)
+    manifest = prepare(args.corpus, str(out / "data"), options)
     say(f"   {manifest['totals']['chars']:,} characters, vocabulary of {manifest['vocab']['size']}")
 
     say(f"2/4 training a 2x{args.hidden} LSTM for {args.minutes:g} minutes")
-    summary = train([str(run_dir / "data")], str(run_dir),
+    summary = train([str(out / "data")], str(run_dir),
                     {**TRAIN_OPTIONS, "hidden": args.hidden, "max_minutes": args.minutes}, log=say)
     model = Path(summary["model"])
 
