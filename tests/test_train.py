@@ -169,3 +169,13 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(story_dataset, tmp_pa
     assert resumed and resumed[0]["step"] >= 20  # from a checkpoint, not from step 0
     steps = [r["step"] for r in records(run_dir) if "loss" in r]
     assert steps == list(range(1, 91))
+
+
+def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(story_dataset, tmp_path):
+    # Adam at lr 100 moves every weight by ~100 in its first step: the second step's loss is ~70x ln V.
+    with pytest.raises(TrainingError, match=r"training diverged at step 2 \(loss [0-9.e+]+\)"):
+        train([story_dataset], str(tmp_path / "run"), {**TINY, "lr": 100.0, "checkpoint_every": 1, "max_steps": 50},
+              log=lambda m: None)
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "ray").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-000000001"]
+    assert [(r.get("event"), r["step"]) for r in records(tmp_path / "run") if "step" in r] == [(None, 1), ("diverged", 2)]

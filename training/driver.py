@@ -115,12 +115,22 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
     finally:
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     metrics = result.metrics or {}
-    if metrics.get("diverged"):
-        raise TrainingError(f"training diverged at step {metrics['step']} (loss {metrics.get('loss')}); "
+    diverged = _last_event(run_dir / "metrics.jsonl", "diverged")
+    if diverged:
+        raise TrainingError(f"training diverged at step {diverged['step']} (loss {diverged['loss']}); "
                             f"the last good checkpoint and the best model are kept in {out}")
     info = json.loads((run_dir / "model" / "config.json").read_text())["info"] if (run_dir / "model").exists() else {}
     return {"steps": metrics.get("step"), "best_val_loss": info.get("val_loss"), "model": str(run_dir / "model"),
             "run_dir": str(run_dir)}
+
+
+def _last_event(metrics_path: Path, event: str) -> dict | None:
+    """The last record of the run if it is this event."""
+    if not metrics_path.exists():
+        return None
+    lines = metrics_path.read_text().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    return last if last.get("event") == event else None
 
 
 def _worker_resources(config: TrainConfig, cpus: int) -> dict:

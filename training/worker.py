@@ -90,7 +90,8 @@ def train_loop_per_worker(job: dict) -> None:
             or loss_value > 3 * math.log(model_config.vocab_size)
         if diverged:
             _log(rank, f"step {step}: loss {loss_value:.4g}, stopping: the training diverged")
-            ray.train.report({"step": step, "diverged": True, "loss": _json_number(loss_value)})
+            if rank == 0:  # the driver reads it there: Train's result holds only checkpointed reports
+                _append_metrics(run_dir, {"event": "diverged", "step": step, "loss": _json_number(loss_value)})
             return
         record = {"step": step, "epoch": round(step * tokens_per_step / job["train_tokens"], 4),
                   "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
