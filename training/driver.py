@@ -38,7 +38,7 @@ def is_prepared(data: list[str]) -> bool:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint with the highest step under RUN_DIR/ray, if any finished writing."""
-    found = [p.parent for p in (run_dir / "ray").glob(f"*/checkpoint-*/{TRAINER_STATE}")]
+    found = [p.parent for p in (run_dir / "ray").glob(f"checkpoint-*/{TRAINER_STATE}")]
     return max(found, key=lambda p: json.loads((p / TRAINER_STATE).read_text())["step"], default=None)
 
 
@@ -96,6 +96,8 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
         torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
                                                resources_per_worker=_worker_resources(config, cpus)),
+        # --resume: a run started again in the same RUN_DIR/ray resumes from Train's own record of its
+        # latest checkpoint.
         run_config=ray.train.RunConfig(
             name="ray", storage_path=str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
@@ -106,7 +108,6 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
         datasets={split: _quiet_ordered(dataset.ray_dataset(split)) for split in ("train", "validation")},
         # Each worker streams the whole dataset and keeps its share of the runs (see worker.runs_of).
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None,
     )
     try:
         result = trainer.fit()
