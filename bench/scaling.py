@@ -52,9 +52,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-_spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).resolve().parent / "serve.py")
-bs = importlib.util.module_from_spec(_spec)  # bench/serve.py: its server and client helpers, reused
-_spec.loader.exec_module(bs)
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bs = _bench_module("serve")  # its server, client and model helpers, reused
+bt = _bench_module("train")  # its metrics.jsonl reader, reused
 
 BIG = 10**9
 DEFAULT_COUNTS = "1,2,4" if (os.cpu_count() or 1) >= 4 else "1,2"
@@ -105,27 +113,6 @@ def run(cmd: list[str], log: Path, timeout_s: float, poll=lambda: None) -> float
     return time.time() - started
 
 
-class MetricsTail:
-    """Reads the step records newly appended to RUN/metrics.jsonl, stamping each with the time seen."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset, self.steps = path, 0, []
-
-    def __call__(self) -> None:
-        try:
-            if self.path.stat().st_size == self.offset:
-                return
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return
-        now, chunk = time.time(), chunk[: chunk.rfind(b"\n") + 1]  # whole lines only
-        self.offset += len(chunk)
-        records = (json.loads(line) for line in chunk.splitlines() if line.strip())
-        self.steps += [dict(r, seen=now) for r in records if "chars_per_s" in r]
-
-
 # ------------------------------------------------------------------------------------------ training
 
 def train_one(n: int, data: Path, args) -> dict:
@@ -137,7 +124,7 @@ def train_one(n: int, data: Path, args) -> dict:
            "--max-steps", str(args.train_warmup + args.train_steps + 1), "--val-every", str(BIG),
            "--val-max-tokens", "100", "--checkpoint-every", str(BIG), "--log-every", str(BIG),
            "--num-cpus", str(args.num_cpus), *shlex.split(args.train_args)]
-    tail, before, launched = MetricsTail(out / "metrics.jsonl"), load1(), time.time()
+    tail, before, launched = bt.MetricsTail(out / "metrics.jsonl"), load1(), time.time()
     wall = run(cmd, args.work / f"train-w{n}.log", args.timeout, tail)
     w, last, tokens = args.train_warmup, args.train_warmup + args.train_steps - 1, batch * args.seq
     if len(tail.steps) <= last:
