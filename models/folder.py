@@ -5,6 +5,7 @@ tensors are saved on the CPU, so a model trained on a GPU loads on any machine w
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -15,11 +16,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .charrnn import CharRNN, ModelConfig
+from .series import SeriesConfig, SeriesRNN
 
 FORMAT = "charrnn-model"
 FORMAT_VERSION = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+# What each task's folder is read with, for the message when the wrong one is given.
+TASKS = {"text": "charrnn sample, eval and serve read it", "series": "charrnn forecast and serve read it"}
 
 
 class ModelFolderError(ValueError):
@@ -28,18 +32,30 @@ class ModelFolderError(ValueError):
 
 def save_model(model: torch.nn.Module, config: ModelConfig, vocab: dict, path: str | os.PathLike,
                info: dict | None = None) -> None:
-    """Write `model`'s weights, `config`, the dataset's `vocab` JSON and free-form `info` (step,
-    val_loss, ...) to the folder `path`, replacing a model folder already there.
-
-    Everything goes to a hidden sibling first, config.json last, which then takes `path`'s place
-    by renames: an interrupted save leaves the old folder (or none), never a half-written one."""
+    """Write a text model: `model`'s weights, `config`, the dataset's `vocab` JSON and free-form
+    `info` (step, val_loss, ...) to the folder `path`, replacing a model folder already there."""
     path = Path(path)
     _check_vocab(vocab, config, path)
+    _write(model, CharRNN, config, {"task": "text", "vocab": vocab}, path, info)
+
+
+def save_series_model(model: torch.nn.Module, config: SeriesConfig, series: dict, path: str | os.PathLike,
+                      info: dict | None = None) -> None:
+    """Write a time-series model: weights, `config`, `series` ({columns, mean, std}: the
+    normalization of the prepared series dataset) and `info`, as save_model does."""
+    path = Path(path)
+    _check_series(series, config, path)
+    _write(model, SeriesRNN, config, {"task": "series", "series": series}, path, info)
+
+
+def _write(model, network, config, task_keys: dict, path: Path, info: dict | None) -> None:
+    """Everything goes to a hidden sibling first, config.json last, which then takes `path`'s place
+    by renames: an interrupted save leaves the old folder (or none), never a half-written one."""
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    _check_weights({name: t.shape for name, t in state.items()}, config, path)
+    _check_weights({name: t.shape for name, t in state.items()}, network, config, path)
     # Serialized before anything touches the disk, so a value JSON cannot hold fails early.
-    text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_json(),
-                       "vocab": vocab, "info": info or {}}, indent=1)
+    text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **task_keys, "model": config.to_json(),
+                       "info": info or {}}, indent=1)
     if path.exists() and not _replaceable(path):
         raise ModelFolderError(f"{path} exists and is not a {FORMAT} folder; refusing to replace it")
 
@@ -83,10 +99,36 @@ def _publish(staging: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def model_task(path: str | os.PathLike) -> str:
+    """"text" or "series": which loader reads the model folder `path`."""
+    return _read_config(Path(path)).get("task", "text")
+
+
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"
                ) -> tuple[CharRNN, ModelConfig, dict, dict]:
-    """Read the model folder `path` -> (model on `device` in eval mode, config, vocab, info)."""
+    """Read the text model folder `path` -> (model on `device` in eval mode, config, vocab, info)."""
     path = Path(path)
+    meta = _read_config(path, "text")
+    config = _parse_config(ModelConfig, meta, path)
+    vocab, info = meta.get("vocab"), meta.get("info", {})
+    _check_vocab(vocab, config, path)
+    return _load_weights(CharRNN, config, path, device), config, vocab, info
+
+
+def load_series_model(path: str | os.PathLike, device: torch.device | str = "cpu"
+                      ) -> tuple[SeriesRNN, SeriesConfig, dict, dict]:
+    """Read the time-series model folder `path` -> (model on `device` in eval mode, config,
+    series {columns, mean, std}, info)."""
+    path = Path(path)
+    meta = _read_config(path, "series")
+    config = _parse_config(SeriesConfig, meta, path)
+    series, info = meta.get("series"), meta.get("info", {})
+    _check_series(series, config, path)
+    return _load_weights(SeriesRNN, config, path, device), config, series, info
+
+
+def _read_config(path: Path, task: str | None = None) -> dict:
+    """config.json of the model folder `path`, checked for format, version and (if given) task."""
     if not path.is_dir():
         raise ModelFolderError(f"model folder {path} does not exist" if not path.exists()
                                else f"{path} is not a folder, so not a model folder")
@@ -103,23 +145,44 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelFolderError(f"{path} was written by format version {meta.get('format_version')}; "
                                f"this charrnn reads version {FORMAT_VERSION}")
+    found = meta.get("task", "text")
+    if found not in TASKS:
+        raise ModelFolderError(f"{path / CONFIG}: unknown task {found!r} (this charrnn knows {', '.join(TASKS)})")
+    if task is not None and found != task:
+        raise ModelFolderError(f"{path} holds a {found} model, not a {task} model ({TASKS[found]})")
+    if not isinstance(meta.get("info", {}), dict):
+        raise ModelFolderError(f"{path / CONFIG}: info must be a JSON object")
+    return meta
+
+
+def _parse_config(config_class, meta: dict, path: Path):
     try:
-        config = ModelConfig.from_json(meta.get("model"))
+        return config_class.from_json(meta.get("model"))
     except (TypeError, ValueError) as err:
         raise ModelFolderError(f"{path / CONFIG}: {err}") from None
-    vocab, info = meta.get("vocab"), meta.get("info", {})
-    _check_vocab(vocab, config, path)
-    if not isinstance(info, dict):
-        raise ModelFolderError(f"{path / CONFIG}: info must be a JSON object")
 
+
+def _load_weights(network, config, path: Path, device):
     try:
         state = load_file(path / WEIGHTS)
     except (OSError, SafetensorError) as err:
         raise ModelFolderError(f"{path / WEIGHTS} is not a readable safetensors file: {err}") from None
-    _check_weights({name: t.shape for name, t in state.items()}, config, path)
-    model = CharRNN(config)
+    _check_weights({name: t.shape for name, t in state.items()}, network, config, path)
+    model = network(config)
     model.load_state_dict(state)
-    return model.to(device).eval(), config, vocab, info
+    return model.to(device).eval()
+
+
+def _check_series(series, config: SeriesConfig, path: Path) -> None:
+    if not isinstance(series, dict) or not all(isinstance(series.get(k), list) for k in ("columns", "mean", "std")):
+        raise ModelFolderError(f"{path}: series must be a JSON object with columns, mean and std (lists)")
+    if not len(series["columns"]) == len(series["mean"]) == len(series["std"]) == config.features:
+        raise ModelFolderError(f"{path}: series columns, mean and std must each have the model's "
+                               f"{config.features} feature(s)")
+    numbers = series["mean"] + series["std"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers) \
+            or not all(v > 0 for v in series["std"]):
+        raise ModelFolderError(f"{path}: series mean must be finite numbers and std positive ones")
 
 
 def _check_vocab(vocab, config: ModelConfig, path: Path) -> None:
@@ -132,9 +195,9 @@ def _check_vocab(vocab, config: ModelConfig, path: Path) -> None:
                                f"but the model's vocab_size is {config.vocab_size}")
 
 
-def _check_weights(shapes: dict[str, torch.Size], config: ModelConfig, path: Path) -> None:
+def _check_weights(shapes: dict[str, torch.Size], network, config, path: Path) -> None:
     with torch.device("meta"):  # shapes only: no memory, no initialization
-        expected = {name: t.shape for name, t in CharRNN(config).state_dict().items()}
+        expected = {name: t.shape for name, t in network(config).state_dict().items()}
     problems = []
     if missing := sorted(expected.keys() - shapes.keys()):
         problems.append(f"missing {', '.join(missing)}")
