@@ -13,15 +13,16 @@ APP_NAME = "charrnn"
 
 
 def add_commands(sub) -> None:
-    from deploy.limits import Limits
+    from deploy.limits import Limits, SeriesLimits
 
-    d = Limits()
+    d, ds = Limits(), SeriesLimits()
     p = sub.add_parser(
         "serve", help="serve a trained model over HTTP with Ray Serve (OpenAI-compatible completions too)",
         description="Serve a model folder over HTTP until Ctrl-C: POST /v1/generate, /v1/completions (OpenAI), "
                     "/v1/score; GET /v1/models, /healthz, /v1/stats. Concurrent requests are decoded together, "
-                    "one batched step for all of them (continuous batching). docs/contracts.md, section 3, "
-                    "defines the API.")
+                    "one batched step for all of them (continuous batching). A time-series model folder gets "
+                    "POST /v1/forecast, GET /v1/models, /healthz instead, concurrent requests forecast together. "
+                    "docs/contracts.md, sections 3 and 4.4, define the API.")
     p.add_argument("--model", required=True, metavar="RUN_DIR",
                    help="a run folder (uses RUN_DIR/model) or a model folder: a local path or a pyarrow.fs URI")
     p.add_argument("--host", default="127.0.0.1",
@@ -44,12 +45,18 @@ def add_commands(sub) -> None:
     limits.add_argument("--max-n", type=int, default=d.max_n, help=f"sequences per request (default {d.max_n})")
     limits.add_argument("--max-score-chars", type=int, default=d.max_score_chars,
                         help=f"characters of text to /v1/score (default {d.max_score_chars})")
+    limits.add_argument("--max-history", type=int, default=ds.max_history,
+                        help=f"series models: points of history per request (default {ds.max_history})")
+    limits.add_argument("--max-forecast-steps", type=int, default=ds.max_forecast_steps,
+                        help=f"series models: points forecast per request (default {ds.max_forecast_steps})")
     limits.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                         help=f"request body size (default {d.max_body_bytes})")
     limits.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
-                        help=f"sequences decoded together per replica, the batch (default {d.max_concurrent})")
+                        help=f"sequences decoded (series: requests forecast) together per replica, the batch "
+                             f"(default {d.max_concurrent})")
     limits.add_argument("--max-queued", type=int, default=d.max_queued,
-                        help=f"sequences waiting per replica; beyond, 429 with Retry-After (default {d.max_queued})")
+                        help=f"sequences (series: requests) waiting per replica; beyond, 429 with Retry-After "
+                             f"(default {d.max_queued})")
     add_address_option(p)
     p.set_defaults(run=_run_serve)
 
@@ -81,17 +88,21 @@ def _interrupt(signum, frame):
 def _run_serve(args) -> int:
     from ray import serve
 
-    from deploy.limits import Limits
-    from deploy.app import build_app, parse_autoscale
+    from deploy import source
+    from deploy.app import build_app
+    from deploy.ingress import parse_autoscale
+    from deploy.limits import LIMIT_NAMES, limits_for
+    from deploy.series_app import build_series_app
 
     try:
-        limits = Limits(**{f: getattr(args, f) for f in Limits.__dataclass_fields__})
+        task = source.task(source.resolve(args.model))
+        limits = limits_for(task, {name: getattr(args, name) for name in LIMIT_NAMES})
         autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {args.port}")
-        app = build_app(args.model, name=args.name, replicas=args.replicas, autoscale=autoscale,
-                        target_ongoing=args.target_ongoing, gpu=args.gpu, num_cpus=args.cpus_per_replica,
-                        threads=args.threads, limits=limits)
+        app = (build_series_app if task == "series" else build_app)(
+            args.model, name=args.name, replicas=args.replicas, autoscale=autoscale, target_ongoing=args.target_ongoing,
+            gpu=args.gpu, num_cpus=args.cpus_per_replica, threads=args.threads, limits=limits)
     except ValueError as err:  # ModelFolderError is one too: it names the folder
         return _fail("serve", str(err))
     local = args.address is None and not os.environ.get("RAY_ADDRESS")  # inside `ray job submit`: a cluster
@@ -116,8 +127,11 @@ def _run_serve(args) -> int:
         print(f"charrnn serve: serving {args.model} at {url} "
               f"({f'autoscaling {args.autoscale}' if autoscale else f'{args.replicas} replica(s)'}); Ctrl-C stops",
               flush=True)
-        print(f"  curl -s {url}/v1/generate -d '{{\"prime\": \"The \", \"max_chars\": 200, \"seed\": 1}}'\n"
-              f"  charrnn query --url {url} --prime 'The ' --stream", flush=True)
+        if task == "series":
+            print(f"  curl -s {url}/v1/forecast -d '{{\"history\": [0.0, 0.1, 0.2], \"steps\": 10}}'", flush=True)
+        else:
+            print(f"  curl -s {url}/v1/generate -d '{{\"prime\": \"The \", \"max_chars\": 200, \"seed\": 1}}'\n"
+                  f"  charrnn query --url {url} --prime 'The ' --stream", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

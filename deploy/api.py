@@ -1,5 +1,5 @@
-"""The HTTP API's requests and errors (docs/contracts.md, section 3), without any web framework:
-JSON bytes in, validated requests out, or an APIError that says which parameter is wrong.
+"""The HTTP API's requests and errors (docs/contracts.md, sections 3 and 4.4), without any web
+framework: JSON bytes in, validated requests out, or an APIError that says which parameter is wrong.
 
 400: the body is not a JSON object, a field has the wrong type, or a field is unknown.
 422: a field has the right type but a value out of range (the message names it, `param` too)."""
@@ -10,8 +10,10 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from deploy.decoder import Sampling
-from deploy.limits import Limits
+from deploy.limits import Limits, SeriesLimits
 from pipeline.vocab import normalize_newlines
 
 MAX_TEMPERATURE = 100.0  # already next to uniform; float32 must hold 1 / temperature
@@ -203,3 +205,44 @@ def parse_score(body: dict, limits: Limits) -> str:
     _range(len(text) >= 2, "text", "must hold at least two characters: each is predicted from the ones before")
     f.check_unknown()
     return text
+
+
+@dataclass(frozen=True)
+class ForecastRequest:
+    history: np.ndarray  # [points, features], float64, data units
+    steps: int
+    flat: bool  # history came as plain numbers: answer the forecast the same way
+
+
+def parse_forecast(body: dict, limits: SeriesLimits, features: int) -> ForecastRequest:
+    """POST /v1/forecast {history, steps} for a model of `features` features. history: an array of
+    numbers (one feature per point) or of equal-length arrays of numbers (one per feature)."""
+    f = _Fields(body)
+    if f.body.get("history") is None:
+        f.read.add("history")
+        raise APIError(400, "'history' is required", "history")
+    history = f.get("history", "array", nullable=False)
+    flat = all(_is_number(v) for v in history)
+    if not flat and not (all(isinstance(p, list) and all(_is_number(v) for v in p) for p in history)
+                         and len({len(p) for p in history}) == 1):
+        raise APIError(400, "'history' must be an array of numbers or of equal-length arrays of numbers",
+                       "history")
+    _range(len(history) > 0, "history", "must not be empty")
+    _range(len(history) <= limits.max_history, "history",
+           f"holds {len(history)} points; the limit is {limits.max_history}")
+    width = 1 if flat else len(history[0])
+    _range(width == features, "history", f"points have {width} feature(s); this model needs {features}")
+    try:
+        values = np.array(history, dtype=np.float64).reshape(len(history), features)
+    except OverflowError:  # an integer beyond any float
+        values = None
+    _range(values is not None and np.isfinite(values).all(), "history", "holds a number too large for a float")
+    steps = f.get("steps", "integer", 1)
+    _range(1 <= steps <= limits.max_forecast_steps, "steps",
+           f"must be in [1, {limits.max_forecast_steps}], got {steps}")
+    f.check_unknown()
+    return ForecastRequest(values, steps, flat)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,8 +1,9 @@
-"""The Ray Serve application: a FastAPI ingress on one deployment, CharRNNServer, whose replicas each
-hold the model and a continuous-batching Decoder (docs/contracts.md, section 3).
+"""The Ray Serve application for a text model: a FastAPI ingress on one deployment, CharRNNServer,
+whose replicas each hold the model and a continuous-batching Decoder (docs/contracts.md, section 3).
 
     build_app(model, replicas=1 | autoscale=(min, max), gpu=False, limits=Limits(...))  -> Application
-    app_builder(args)   the same, for Serve config files (import_path: deploy.app:app_builder)
+    app_builder(args)   the same, for Serve config files (import_path: deploy.app:app_builder); a
+                        time-series model folder gets deploy.series_app's application instead
 
 Overload is refused before any work is queued: a replica holds at most max_concurrent decoding plus
 max_queued waiting sequences and answers 429 with Retry-After beyond that (in this API's JSON
@@ -19,52 +20,21 @@ import uuid
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from ray import serve
-from starlette.exceptions import HTTPException
 
-from deploy import source
-from deploy.api import APIError, parse_body, parse_completion, parse_generate, parse_score
+from deploy import series_app, source
+from deploy.api import APIError, parse_completion, parse_generate, parse_score
 from deploy.decoder import Decoder
+from deploy.ingress import builder_arguments, deployment_options, install_error_handlers, overloaded, read_json
 from deploy.limits import Limits
 from models.generate import bits_per_char
 from pipeline.vocab import UNKNOWN_CHAR
 
 logger = logging.getLogger("ray.serve")
-RETRY_AFTER_S = 1
-HEADROOM = 16  # requests a full replica still takes beyond its decoding limits: health, models, stats
 
 api = FastAPI(title="charrnn", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-@api.exception_handler(APIError)
-async def _api_error(request: Request, err: APIError):
-    return _error_response(err)
-
-
-@api.exception_handler(HTTPException)
-async def _http_error(request: Request, err: HTTPException):
-    message = {404: f"no such route: {request.method} {request.url.path}",
-               405: f"{request.method} is not allowed on {request.url.path}"}.get(err.status_code, str(err.detail))
-    return _error_response(APIError(err.status_code, message, headers=err.headers))
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, err: RequestValidationError):
-    first = err.errors()[0] if err.errors() else {}
-    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-    return _error_response(APIError(400, first.get("msg", "invalid request"), param))
-
-
-@api.exception_handler(Exception)
-async def _internal_error(request: Request, err: Exception):
-    logger.exception("charrnn: %s %s failed", request.method, request.url.path)
-    return _error_response(APIError(500, f"internal error: {type(err).__name__}"))
+install_error_handlers(api)
 
 
 def _sse(data) -> str:
@@ -104,25 +74,12 @@ class CharRNNServer:
     # -- helpers ------------------------------------------------------------------------------------
 
     async def _json(self, request: Request) -> dict:
-        limit = self.limits.max_body_bytes
-        too_large = APIError(413, f"the request body is larger than the limit of {limit} bytes")
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            raise too_large
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-        return parse_body(b"".join(chunks))
+        return await read_json(request, self.limits.max_body_bytes)
 
     def _admit(self, sequences: int) -> None:
         capacity = self.limits.max_concurrent + self.limits.max_queued
         if self.decoder.load + sequences > capacity:
-            raise APIError(429, f"the server is busy: {self.decoder.load} sequences are decoding or waiting "
-                                f"(capacity {capacity}); retry in {RETRY_AFTER_S} s",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise overloaded(f"{self.decoder.load} sequences are decoding or waiting", capacity)
 
     def _submit(self, prompts: list[str], n: int, sampling, sink=None) -> list:
         """n sequences per prompt, choice j seeded seed + j; the prompt's characters outside the
@@ -270,54 +227,10 @@ def build_app(model: str, *, name: str | None = None, replicas: int = 1, autosca
                                                  "cuda" if gpu else "cpu", threads or max(1, int(num_cpus)), decoder)
 
 
-def deployment_options(limits: Limits, replicas: int = 1, autoscale: tuple[int, int] | None = None,
-                       target_ongoing: float | None = None, gpu: bool = False, num_cpus: float = 1.0) -> dict:
-    """CharRNNServer's Serve options: scale, resources, and Serve's queues behind the replica's own."""
-    options = dict(max_ongoing_requests=limits.max_concurrent + limits.max_queued + HEADROOM,
-                   max_queued_requests=limits.max_queued + HEADROOM,
-                   backpressure_config={"status_code": 429, "retry_after_s": RETRY_AFTER_S},
-                   ray_actor_options={"num_cpus": num_cpus, "num_gpus": 1 if gpu else 0})
-    if autoscale is not None:
-        low, high = autoscale
-        if not 0 <= low <= high or high < 1:
-            raise ValueError(f"autoscale needs 0 <= MIN <= MAX and MAX >= 1, got {low}:{high}")
-        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
-                                         "target_ongoing_requests": target_ongoing or max(1, limits.max_concurrent // 2)}
-    elif not isinstance(replicas, int) or replicas < 1:
-        raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
-    else:
-        options["num_replicas"] = replicas
-    return options
-
-
-def parse_autoscale(value) -> tuple[int, int]:
-    """'MIN:MAX' (or a pair) -> (min, max)."""
-    try:
-        low, high = value.split(":") if isinstance(value, str) else value
-        return int(low), int(high)
-    except (TypeError, ValueError):
-        raise ValueError(f"autoscale must be MIN:MAX (two integers), got {value!r}") from None
-
-
 def app_builder(args: dict):
     """For Serve config files and `serve run deploy.app:app_builder model=PATH key=value ...`: the
-    arguments of build_app plus every Limits field, by name (strings are converted)."""
-    args = dict(args)
-    if "model" not in args:
-        raise ValueError("the application needs a 'model' argument: a run folder, model folder or URI")
-    limit_names = {f.name for f in dataclasses.fields(Limits)}
-    limits = {k: int(args.pop(k)) for k in list(args) if k in limit_names}
-    kinds = {"model": str, "name": str, "replicas": int, "target_ongoing": float, "gpu": _boolean,
-             "num_cpus": float, "threads": int, "autoscale": parse_autoscale, "decoder": dict}
-    unknown = sorted(set(args) - set(kinds))
-    if unknown:
-        raise ValueError(f"unknown application arguments: {', '.join(unknown)}")
-    return build_app(**{k: kinds[k](v) if v is not None else None for k, v in args.items()}, limits=limits)
-
-
-def _boolean(value) -> bool:
-    if isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"expected a boolean, got {value!r}")
-        return value.lower() in ("true", "1", "yes")
-    return bool(value)
+    arguments of build_app plus every Limits field, by name (strings are converted). A time-series
+    model folder gets deploy.series_app's application, with its limits."""
+    if "model" in args and source.task(source.resolve(str(args["model"]))) == "series":
+        return series_app.app_builder(args)
+    return build_app(**builder_arguments(args, "text", {"decoder": dict}))

@@ -1,9 +1,10 @@
-"""A small Python client for the HTTP API (docs/contracts.md, section 3), on `requests`.
+"""A small Python client for the HTTP API (docs/contracts.md, sections 3 and 4.4), on `requests`.
 
     client = CharRNNClient("http://127.0.0.1:8000")
     client.generate("The ", max_chars=200, top_k=5, seed=1)["text"]
     for chunk in client.stream("The ", max_chars=200):
         print(chunk, end="", flush=True)
+    client.forecast([0.0, 0.1, 0.2], steps=5)["forecast"]   # a time-series model
 
 Every error answer raises ServerError, carrying the server's status, message and parameter."""
 from __future__ import annotations
@@ -62,6 +63,11 @@ class CharRNNClient:
         """{loss (nats per character), bits_per_char, chars (characters predicted)}."""
         return self._request("POST", "/v1/score", {"text": text}).json()
 
+    def forecast(self, history: list, steps: int = 1) -> dict:
+        """A time-series model's next `steps` points after `history` (numbers, or arrays of one
+        number per feature): {forecast, steps, model}, `forecast` shaped like `history`."""
+        return self._request("POST", "/v1/forecast", {"history": _plain(history), "steps": steps}).json()
+
     def health(self) -> dict:
         return self._request("GET", "/healthz").json()
 
@@ -74,6 +80,11 @@ class CharRNNClient:
 
 def _body(args: dict) -> dict:
     return {k: v for k, v in args.items() if k != "self" and v is not None}
+
+
+def _plain(values) -> list:
+    """Lists of Python numbers from a numpy array (or anything with tolist) as well as from lists."""
+    return values.tolist() if hasattr(values, "tolist") else list(values)
 
 
 def _raise(response: requests.Response):

@@ -1,12 +1,14 @@
-"""Where a served model comes from: a run folder or a model folder (docs/contracts.md, section 2), as
-a local path or any URI pyarrow.fs understands (file://, s3://, gs://, hdfs://)."""
+"""Where a served model comes from: a run folder or a model folder (docs/contracts.md, sections 2
+and 4.2), text or time series, as a local path or any URI pyarrow.fs understands (file://, s3://,
+gs://, hdfs://)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
 
-from models import ModelFolderError, load_model
+from models import ModelFolderError, load_model, load_series_model, model_task
 from models.folder import CONFIG, WEIGHTS
 from pipeline.vocab import Vocabulary
 
@@ -47,10 +49,34 @@ def default_name(folder: str) -> str:
 
 
 def load(folder: str, device: str = "cpu"):
-    """(model in eval mode, Vocabulary, info) from a folder `resolve` returned. A URI's two files are
-    copied to a temporary folder first."""
+    """(text model in eval mode, Vocabulary, info) from a folder `resolve` returned."""
+    with _local(folder) as path:
+        model, config, vocab, info = load_model(path, device=device)
+        try:
+            return model, Vocabulary.from_json(vocab), info
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelFolderError(f"{folder}: invalid vocabulary: {err}") from None
+
+
+def load_series(folder: str, device: str = "cpu"):
+    """(series model in eval mode, series {columns, mean, std}, info) from a folder `resolve` returned."""
+    with _local(folder) as path:
+        model, _, series, info = load_series_model(path, device=device)
+        return model, series, info
+
+
+def task(folder: str) -> str:
+    """"text" or "series": which application serves the folder `resolve` returned."""
+    with _local(folder) as path:
+        return model_task(path)
+
+
+@contextlib.contextmanager
+def _local(folder: str):
+    """A local path holding `folder`: itself, or for a URI a temporary copy of its two files."""
     if not _is_uri(folder):
-        return _load_local(folder, device)
+        yield folder
+        return
     import pyarrow.fs as pafs
 
     fs, path = pafs.FileSystem.from_uri(folder)
@@ -62,12 +88,4 @@ def load(folder: str, device: str = "cpu"):
                         dst.write(chunk)
             except OSError as err:
                 raise ModelFolderError(f"{folder}: cannot read {name}: {err}") from None
-        return _load_local(tmp, device, shown=folder)
-
-
-def _load_local(path: str, device: str, shown: str | None = None):
-    model, config, vocab, info = load_model(path, device=device)
-    try:
-        return model, Vocabulary.from_json(vocab), info
-    except (KeyError, TypeError, ValueError) as err:
-        raise ModelFolderError(f"{shown or path}: invalid vocabulary: {err}") from None
+        yield tmp
