@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from charrnn import cmd_data, cmd_model, cmd_quickstart, cmd_serve, cmd_submit, cmd_train
+from charrnn import cmd_data, cmd_forecast, cmd_model, cmd_quickstart, cmd_serve, cmd_submit, cmd_train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Character-level RNN language models on Ray: prepare a corpus, train, sample, serve.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (cmd_quickstart, cmd_data, cmd_train, cmd_model, cmd_serve, cmd_submit):
+    for module in (cmd_quickstart, cmd_data, cmd_train, cmd_model, cmd_forecast, cmd_serve, cmd_submit):
         module.add_commands(sub)
     return parser
 

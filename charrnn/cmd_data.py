@@ -1,4 +1,4 @@
-"""charrnn prepare / verify: corpus -> prepared dataset, and its checksum check."""
+"""charrnn prepare / prepare-series / verify: corpus or time series -> prepared dataset, and its checksum check."""
 from __future__ import annotations
 
 import sys
@@ -8,6 +8,7 @@ from charrnn.ray_session import add_address_option, connect
 
 def add_commands(sub) -> None:
     _add_prepare(sub)
+    _add_prepare_series(sub)
     _add_verify(sub)
 
 
@@ -66,18 +67,80 @@ def _summary(manifest: dict, out: str) -> str:
     return "\n".join(lines)
 
 
+def _add_prepare_series(sub) -> None:
+    p = sub.add_parser(
+        "prepare-series", help="turn numeric columns of CSV/Parquet files into a prepared series dataset",
+        description="Read numeric columns of CSV or Parquet files with Ray Data (files in INPUT order, rows in file "
+                    "order), check every value, split each series by time (its last --val-fraction is validation), "
+                    "cut it into runs and write Parquet shards and DIR/manifest.json with the training split's "
+                    "normalization. --synthetic sine generates the classic lesson's data instead.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="CSV or Parquet files, folders (their .csv and .parquet files) or globs; local paths or "
+                        "pyarrow.fs URIs")
+    p.add_argument("--column", metavar="A[,B...]",
+                   help="the numeric column(s) to read, in this order: the features")
+    p.add_argument("--out", required=True, metavar="DIR", help="dataset folder to write (local path or URI)")
+    p.add_argument("--series-id", metavar="COL",
+                   help="rows with the same value of COL (in any file) form one series; default: one series per file")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="the last share of each series' points held out for validation (default 0.1)")
+    p.add_argument("--run-length", type=int, default=1000,
+                   help="points per run, the stretch a trainer walks with carried state (default 1000)")
+    p.add_argument("--shard-points", type=int, default=1_000_000, help="points per shard at most (default 1000000)")
+    p.add_argument("--synthetic", choices=["sine"], default=None,
+                   help="generate --series series of --points values sin(0.1 t + phase), column value, instead of "
+                        "reading INPUTs")
+    p.add_argument("--series", type=int, default=4, help="--synthetic: number of series (default 4)")
+    p.add_argument("--points", type=int, default=10000, help="--synthetic: points per series (default 10000)")
+    add_address_option(p)
+    p.set_defaults(run=_run_prepare_series)
+
+
+def _run_prepare_series(args) -> int:
+    from pipeline import SeriesOptions, prepare_series
+
+    columns = tuple(c.strip() for c in args.column.split(",")) if args.column else ()
+    options = SeriesOptions(columns=columns, series_id=args.series_id, val_fraction=args.val_fraction,
+                            run_length=args.run_length, shard_points=args.shard_points, synthetic=args.synthetic,
+                            series=args.series, points=args.points)
+    manifest = prepare_series(args.inputs, args.out, options,
+                              before_ray=lambda: connect(args.address, args.num_cpus, dashboard=False))
+    print(_series_summary(manifest, args.out))
+    return 0
+
+
+def _series_summary(manifest: dict, out: str) -> str:
+    totals, splits, norm = manifest["totals"], manifest["splits"], manifest["normalization"]
+    made = manifest["synthetic"]
+    source = (f"generated: {made['series']} x {made['points']:,} points of {made['formula']}" if made
+              else f"{totals['files']:,} ({totals['rows']:,} rows)")
+    shards = sum(len(s["shards"]) for s in splits.values())
+    lines = [
+        f"prepared {out} in {manifest['elapsed_s']:.1f} s",
+        f"  files       {source}",
+        f"  series      {totals['series']:,}, features {', '.join(manifest['columns'])}",
+        f"  train       {splits['train']['points']:,} points in {splits['train']['runs']:,} runs",
+        f"  validation  {splits['validation']['points']:,} points in {splits['validation']['runs']:,} runs",
+        f"  mean / std  {', '.join(f'{m:.4g} / {s:.4g}' for m, s in zip(norm['mean'], norm['std']))} (train)",
+        f"  shards      {shards}, manifest {out.rstrip('/')}/manifest.json",
+    ]
+    return "\n".join(lines)
+
+
 def _add_verify(sub) -> None:
     p = sub.add_parser("verify", help="re-check every shard of a prepared dataset against its manifest",
-                       description="Re-read every shard of DIR and compare size, sha256, rows and tokens with "
-                                   "DIR/manifest.json. Exit 0 when all match, 1 otherwise.")
+                       description="Re-read every shard of DIR (a text or a series dataset) and compare size, "
+                                   "sha256, rows and tokens or points with DIR/manifest.json. Exit 0 when all match, "
+                                   "1 otherwise.")
     p.add_argument("dataset", metavar="DIR")
     p.set_defaults(run=_run_verify)
 
 
 def _run_verify(args) -> int:
-    from pipeline import PreparedDataset
+    from pipeline.series import open_prepared
 
-    dataset = PreparedDataset(args.dataset)
+    dataset = open_prepared(args.dataset)
     problems = dataset.verify()
     shards = sum(len(s["shards"]) for s in dataset.manifest["splits"].values())
     for problem in problems:
