@@ -14,7 +14,7 @@ def add_commands(sub) -> None:
         "train", help="train a character-level RNN with Ray Train (DDP over --workers)",
         description="Train on a prepared dataset (or on raw INPUTs, prepared into RUN_DIR/data first). Writes "
                     "RUN_DIR/model (the best model by validation loss), metrics.jsonl, loss.png and Ray Train "
-                    "checkpoints. Defaults are the classic recipe.",
+                    "checkpoints. Defaults are the classic recipe (for --task series, the classic time-series lesson's).",
     )
     opt = lambda *names, **kw: p.add_argument(*names, default=argparse.SUPPRESS, **kw)
     p.add_argument("--data", nargs="+", metavar="DIR_OR_INPUT",
@@ -23,6 +23,10 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in RUN_DIR from its latest checkpoint (optimizer, step, data position)")
+    opt("--task", choices=["text", "series"],
+        help="text (default): a dataset from charrnn prepare, models.CharRNN, cross-entropy; series: a dataset "
+             "from charrnn prepare-series, models.SeriesRNN, squared error, and the lesson's defaults "
+             "(--cell rnn --layers 1 --hidden 32 --dropout 0 --lr 0.01 --batch 16 --seq 20) for options not given")
     opt("--cell", choices=["lstm", "gru", "rnn"], help=f"recurrent cell (default {d.cell})")
     opt("--layers", type=int, help=f"stacked recurrent layers (default {d.layers})")
     opt("--hidden", type=int, help=f"units per layer (default {d.hidden})")

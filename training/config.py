@@ -11,7 +11,8 @@ class TrainingError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # model (see models.ModelConfig)
+    task: str = "text"  # or "series": a dataset from prepare-series, models.SeriesRNN, squared error
+    # model (see models.ModelConfig and models.SeriesConfig)
     cell: str = "lstm"
     layers: int = 2
     hidden: int = 512
@@ -44,6 +45,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.task not in ("text", "series"):
+            raise TrainingError(f"--task must be text or series, got {self.task!r}")
         if self.cell not in ("lstm", "gru", "rnn"):
             raise TrainingError(f"--cell must be lstm, gru or rnn, got {self.cell!r}")
         if not 0 <= self.dropout < 1:

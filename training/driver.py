@@ -19,11 +19,11 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from models import ModelConfig
-from pipeline import PreparedDataset, prepare
+from pipeline import prepare
 from pipeline.prepare import MANIFEST
 from training.config import TrainConfig, TrainingError
 from training.plot import plot_losses
+from training.tasks import SERIES_DEFAULTS, TASKS
 from training.worker import TRAINER_STATE, train_loop_per_worker
 
 RUN_FILE = "run.json"
@@ -62,27 +62,30 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
         data = saved["data"]
     elif checkpoint is not None or (run_dir / RUN_FILE).exists():
         raise TrainingError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+    else:
+        options = {**(SERIES_DEFAULTS if options.get("task") == "series" else {}), **options}
     config = TrainConfig.from_json(options)
     config.check()
+    task = TASKS[config.task]
     if not data:
-        raise TrainingError("--data is required: a prepared dataset folder or text INPUTs")
+        raise TrainingError("--data is required: a prepared dataset folder" + (" or text INPUTs" if task.name == "text" else ""))
     if is_prepared(data):
-        dataset = PreparedDataset(data[0])
+        dataset = task.open(data[0])
         before_ray()
+    elif task.name == "series":
+        raise TrainingError(f"--task series needs a dataset prepared by charrnn prepare-series; {data[0]} is not one")
     else:
         log(f"preparing {' '.join(data)} into {run_dir / 'data'}")
         prepare(data, str(run_dir / "data"), log=log, before_ray=before_ray)
-        dataset = PreparedDataset(str(run_dir / "data"))
+        dataset = task.open(str(run_dir / "data"))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_FILE).write_text(json.dumps({"data": [dataset.location], "train": config.to_json()}, indent=1))
 
-    vocab = dataset.manifest["vocab"]
-    model_config = ModelConfig(vocab_size=vocab["size"], cell=config.cell, layers=config.layers,
-                               hidden=config.hidden, dropout=config.dropout, embedding_dim=config.embedding_dim)
-    train_tokens = dataset.tokens("train")
-    steps_per_epoch = max(1, train_tokens // (config.batch * config.seq))
+    job = task.job(dataset, config)
+    train_points = job["train_points"]
+    steps_per_epoch = max(1, train_points // (config.batch * config.seq))
     total_steps = min(s for s in (config.max_steps, config.epochs and math.ceil(config.epochs * steps_per_epoch)) if s)
-    log(f"training {config.cell} {config.layers}x{config.hidden} on {train_tokens:,} tokens "
+    log(f"training {config.cell} {config.layers}x{config.hidden} on {train_points:,} {task.unit} "
         f"({steps_per_epoch:,} steps per epoch), {total_steps:,} steps, {config.workers} worker(s), "
         f"batch {config.batch} (global) x seq {config.seq}")
 
@@ -90,8 +93,7 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
     threads = config.threads_per_worker or max(1, cpus // config.workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": config.to_json(), "model": model_config.to_json(), "vocab": vocab,
-                           "run_dir": str(run_dir), "total_steps": total_steps, "train_tokens": train_tokens,
+        train_loop_config={**job, "train": config.to_json(), "run_dir": str(run_dir), "total_steps": total_steps,
                            "threads": threads},
         torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
@@ -114,7 +116,7 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
     except ray.train.TrainingFailedError as err:
         raise TrainingError(f"training failed after {config.max_failures} restart(s): {_first_line(err)}") from None
     finally:
-        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", task.loss_unit)
     metrics = result.metrics or {}
     diverged = _last_event(run_dir / "metrics.jsonl", "diverged")
     if diverged:

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
+def plot_losses(metrics_path: Path, png_path: Path, unit: str = "nats per character") -> None:
     if not metrics_path.exists():
         return
     import matplotlib
@@ -23,7 +23,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per character)")
+    ax.set_ylabel(f"loss ({unit})")
     ax.grid(alpha=0.3)
     ax.legend()
     tmp = png_path.with_suffix(".tmp.png")

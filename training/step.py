@@ -26,14 +26,25 @@ def to_tensors(window: Window, device: torch.device):
             torch.from_numpy(window.reset).to(device))
 
 
+def loss_sum(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, number of targets) over the real targets: cross-entropy in nats for token ids
+    (logits out), squared error for values (predictions out)."""
+    if targets.is_floating_point():
+        real = ~torch.isnan(targets)
+        error = torch.where(real, outputs.float() - targets, 0.0)
+        return (error * error).sum(), real.sum()
+    total = F.cross_entropy(outputs.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return total, (targets != IGNORE).sum()
+
+
 def window_loss(model, window: Window, state, device):
-    """Mean cross-entropy over the window's real targets, and the state after it."""
+    """Mean loss over the window's real targets, and the state after it."""
     inputs, targets, reset = to_tensors(window, device)
     state = reset_state_rows(detach_state(state), reset)
     with autocast_for(device):
-        logits, state = model(inputs, state)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-    return loss, state
+        outputs, state = model(inputs, state)
+    total, count = loss_sum(outputs, targets)
+    return total / count.clamp(min=1), state
 
 
 def train_step(model, optimizer, scheduler, window: Window, state, clip: float, device):
@@ -50,17 +61,17 @@ def train_step(model, optimizer, scheduler, window: Window, state, clip: float, 
 
 @torch.no_grad()
 def evaluate(model, windows: Iterable[Window], device, state=None) -> tuple[float, int]:
-    """(summed loss in nats, number of targets) over `windows`, state carried across them."""
+    """(summed loss, number of targets) over `windows`, state carried across them."""
     model.eval()
     total, count = 0.0, 0
     for window in windows:
         inputs, targets, reset = to_tensors(window, device)
         state = model.init_state(len(window.inputs)) if state is None else reset_state_rows(state, reset)
         with autocast_for(device):
-            logits, state = model(inputs, state)
-        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                                 reduction="sum").item()
-        count += int((targets != IGNORE).sum())
+            outputs, state = model(inputs, state)
+        window_total, window_count = loss_sum(outputs, targets)
+        total += window_total.item()
+        count += int(window_count)
     return total, count
 
 

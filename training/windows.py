@@ -1,11 +1,13 @@
-"""Text runs -> training windows, the classic recipe's batch walk made streaming.
+"""Runs -> training windows, the classic recipe's batch walk made streaming.
 
-Each of `lanes` rows walks one run at a time, `seq` tokens per window, so the recurrent state can
-be carried from one window to the next. When a lane's run is used up it takes the next run from
-the stream and is flagged for a state reset. The last window of a run may be short: its missing
-targets are IGNORE, which the loss skips."""
+A run is text (token ids, [points]) or a time series (float values, [points, features]). Each of
+`lanes` rows walks one run at a time, `seq` points per window, so the recurrent state can be
+carried from one window to the next. When a lane's run is used up it takes the next run from the
+stream and is flagged for a state reset. The last window of a run may be short: its missing
+targets are IGNORE (ids) or NaN (values), which the loss skips."""
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
@@ -14,19 +16,26 @@ IGNORE = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 
 class Window(NamedTuple):
-    inputs: np.ndarray  # [lanes, seq] int64
-    targets: np.ndarray  # [lanes, seq] int64, IGNORE where there is no target
+    inputs: np.ndarray  # [lanes, seq] int64 ids, or [lanes, seq, features] float32 values
+    targets: np.ndarray  # the same shape, IGNORE or NaN where there is no target
     reset: np.ndarray  # [lanes] bool: this lane starts a new run, so its state starts from zero
 
 
 def windows(runs: Iterable[np.ndarray], lanes: int, seq: int) -> Iterator[Window]:
-    """Windows until every lane has run out of text (forever if `runs` is endless)."""
-    source = (run for run in runs if len(run) >= 2)  # a run of one token has nothing to predict
+    """Windows until every lane has run out of runs (forever if `runs` is endless)."""
+    source = (run for run in runs if len(run) >= 2)  # a run of one point has nothing to predict
+    first = next(source, None)
+    if first is None:
+        return
+    source = itertools.chain([first], source)
+    values = first.dtype.kind == "f"
+    shape, dtype = (lanes, seq) + first.shape[1:], np.float32 if values else np.int64
+    missing = np.nan if values else IGNORE
     current: list[np.ndarray | None] = [None] * lanes
     position = [0] * lanes
     while True:
-        inputs = np.zeros((lanes, seq), np.int64)
-        targets = np.full((lanes, seq), IGNORE, np.int64)
+        inputs = np.zeros(shape, dtype)
+        targets = np.full(shape, missing, dtype)
         reset = np.zeros(lanes, bool)
         for lane in range(lanes):
             run = current[lane]

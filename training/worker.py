@@ -18,20 +18,18 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from models import CharRNN, ModelConfig, load_model, save_model
-from pipeline import Vocabulary
-from pipeline.dataset import token_runs
 from training.config import TrainConfig
 from training.step import evaluate, make_optimizer, train_step
+from training.tasks import TASKS
 from training.windows import EpochStream, windows
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 
 
-def runs_of(dataset, rank: int, world: int, dtype: np.dtype):
-    """This rank's token runs (global run number % world == rank) in one pass over the dataset,
-    as numpy arrays, zero-copy from Arrow.
+def runs_of(dataset, rank: int, world: int, task):
+    """This rank's runs (global run number % world == rank) in one pass over the dataset, as numpy
+    arrays read by the task from Arrow.
 
     Every rank streams the dataset on its own and keeps its share, rather than using Ray Data's
     streaming_split: the split's iterators meet at a barrier at each epoch start, and ranks
@@ -40,12 +38,12 @@ def runs_of(dataset, rank: int, world: int, dtype: np.dtype):
     cost nothing that shows."""
     for table in dataset.iter_batches(batch_size=64, batch_format="pyarrow", prefetch_batches=2):
         mine = np.asarray(table["run"]) % world == rank
-        yield from token_runs(table["tokens"].filter(mine), dtype)
+        yield from task.runs(table.filter(mine))
 
 
 def train_loop_per_worker(job: dict) -> None:
     config = TrainConfig.from_json(job["train"])
-    model_config = ModelConfig.from_json(job["model"])
+    task = TASKS[job["task"]](job)
     run_dir = Path(job["run_dir"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -53,13 +51,13 @@ def train_loop_per_worker(job: dict) -> None:
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     device = ray.train.torch.get_device()
 
-    model = CharRNN(model_config)
+    model = task.build()
     optimizer, scheduler = make_optimizer(model, config.lr, config.lr_schedule, job["total_steps"])
     position = {"step": 0, "epoch": 0, "taken": 0, "best_val_loss": math.inf}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            position = _restore(folder, model, optimizer, scheduler)
+            position = _restore(folder, task, model, optimizer, scheduler)
         _log(rank, f"resumed from step {position['step']} (epoch {position['epoch']})")
         if rank == 0:
             _truncate_metrics(run_dir, position["step"])
@@ -68,14 +66,13 @@ def train_loop_per_worker(job: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(model)
     module = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
 
-    token_dtype = Vocabulary.from_json(job["vocab"]).dtype
     train_shard = ray.train.get_dataset_shard("train")
-    val_runs = validation_runs(ray.train.get_dataset_shard("validation"), config, rank, world, token_dtype)
-    stream = EpochStream(lambda epoch: runs_of(train_shard, rank, world, token_dtype), position["epoch"], position["taken"])
+    val_runs = validation_runs(ray.train.get_dataset_shard("validation"), config, rank, world, task)
+    stream = EpochStream(lambda epoch: runs_of(train_shard, rank, world, task), position["epoch"], position["taken"])
     lanes, seq = config.lanes_per_worker, config.seq
     state = module.init_state(lanes)
     step, best = position["step"], position["best_val_loss"]
-    tokens_per_step = config.batch * seq
+    points_per_step = config.batch * seq
     train_seconds, last_epoch = 0.0, stream.epoch
     steps_this_session = 0
 
@@ -86,29 +83,27 @@ def train_loop_per_worker(job: dict) -> None:
         step += 1
         steps_this_session += 1
         loss_value = _mean_over_ranks(loss, world)
-        diverged = not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)) \
-            or loss_value > 3 * math.log(model_config.vocab_size)
+        diverged = not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)) or task.diverged(loss_value)
         if diverged:
             _log(rank, f"step {step}: loss {loss_value:.4g}, stopping: the training diverged")
             if rank == 0:  # the driver reads it there: Train's result holds only checkpointed reports
                 _append_metrics(run_dir, {"event": "diverged", "step": step, "loss": _json_number(loss_value)})
             return
-        record = {"step": step, "epoch": round(step * tokens_per_step / job["train_tokens"], 4),
+        record = {"step": step, "epoch": round(step * points_per_step / job["train_points"], 4),
                   "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
         train_seconds += time.perf_counter() - step_started
-        chars_per_s = steps_this_session * tokens_per_step / train_seconds
-        record["chars_per_s"] = chars_per_s
+        per_s = steps_this_session * points_per_step / train_seconds
+        record[f"{task.unit}_per_s"] = per_s
         epoch_ended = stream.epoch != last_epoch
         last_epoch = stream.epoch
         done = step >= job["total_steps"] or deadline is not None and _any_rank(time.monotonic() > deadline, world, device)
         if step % config.val_every == 0 or epoch_ended or done:
             val_loss = _validate(module, val_runs, config, device, world)
-            record.update(val_loss=val_loss, val_bpc=val_loss / math.log(2))
+            record.update(task.val_metrics(val_loss))
             if val_loss < best:
                 best = val_loss
                 if rank == 0:
-                    save_model(module, model_config, job["vocab"], run_dir / "model",
-                               info={"step": step, "val_loss": val_loss, "val_bpc": val_loss / math.log(2)})
+                    task.save(module, run_dir / "model", info={"step": step, **task.val_metrics(val_loss)})
         if rank == 0:
             _append_metrics(run_dir, record)
             if step % config.log_every == 0 or "val_loss" in record:
@@ -117,19 +112,19 @@ def train_loop_per_worker(job: dict) -> None:
                     eta = max(0.0, min(eta, deadline - time.monotonic()))
                 val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
                 _log(rank, f"step {step}/{job['total_steps']} loss {loss_value:.4f}{val} "
-                           f"{chars_per_s:,.0f} chars/s ETA {eta / 60:.1f} min")
+                           f"{per_s:,.0f} {task.unit}/s ETA {eta / 60:.1f} min")
         if step % config.checkpoint_every == 0 or done:
             position = {"step": step, "epoch": stream.epoch, "taken": stream.taken, "best_val_loss": best}
-            _report_with_checkpoint(rank, record, module, model_config, job, optimizer, scheduler, position)
+            _report_with_checkpoint(rank, record, module, task, optimizer, scheduler, position)
         if done:
             return
 
 
-def validation_runs(val_shard, config: TrainConfig, rank: int, world: int, token_dtype: np.dtype) -> list[np.ndarray]:
-    """This rank's share of the validation runs, at most val_max_tokens / world tokens: read once
+def validation_runs(val_shard, config: TrainConfig, rank: int, world: int, task) -> list[np.ndarray]:
+    """This rank's share of the validation runs, at most val_max_tokens / world points: read once
     and kept, since a bounded set is cheaper to hold than to stream again at every evaluation."""
     budget, used, kept = config.val_max_tokens // world, 0, []
-    for run in runs_of(val_shard, rank, world, token_dtype):
+    for run in runs_of(val_shard, rank, world, task):
         if used >= budget:
             break
         kept.append(np.array(run[: budget - used + 1]))
@@ -163,13 +158,13 @@ def _any_rank(flag: bool, world: int, device) -> bool:
     return bool(value.item())
 
 
-def _report_with_checkpoint(rank, record, module, model_config, job, optimizer, scheduler, position) -> None:
+def _report_with_checkpoint(rank, record, module, task, optimizer, scheduler, position) -> None:
     metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        save_model(module, model_config, job["vocab"], os.path.join(folder, "model"), info={"step": position["step"]})
+        task.save(module, os.path.join(folder, "model"), info={"step": position["step"]})
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    os.path.join(folder, OPTIMIZER))
         Path(folder, TRAINER_STATE).write_text(json.dumps({**position, "best_val_loss": _json_number(position["best_val_loss"])}))
@@ -177,9 +172,8 @@ def _report_with_checkpoint(rank, record, module, model_config, job, optimizer, 
                          checkpoint_dir_name=f"checkpoint-{position['step']:09d}")
 
 
-def _restore(folder: str, model, optimizer, scheduler) -> dict:
-    loaded, _, _, _ = load_model(os.path.join(folder, "model"))
-    model.load_state_dict(loaded.state_dict())
+def _restore(folder: str, task, model, optimizer, scheduler) -> dict:
+    model.load_state_dict(task.load_state(os.path.join(folder, "model")))
     # weights_only: the optimizer state is tensors and numbers; nothing in it may run code.
     saved = torch.load(os.path.join(folder, OPTIMIZER), weights_only=True, map_location="cpu")
     optimizer.load_state_dict(saved["optimizer"])
