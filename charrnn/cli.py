@@ -18,18 +18,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The errors that are the user's to fix (one line, exit 2), by the module defining each. A command
+# imports only what it needs, so a bad argument fails fast; an error's class is loaded if it was raised.
+USER_ERRORS = {"pipeline.errors": "CorpusError", "models.folder": "ModelFolderError", "training.config": "TrainingError"}
+
+
+def _is_user_error(err: Exception) -> bool:
+    loaded = tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules)
+    return isinstance(err, loaded)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from models import ModelFolderError
-    from pipeline import CorpusError
-    from training.config import TrainingError
-
     try:
         code = args.run(args)
-    except (CorpusError, ModelFolderError, TrainingError) as err:
-        print(f"charrnn {args.command}: error: {err}", file=sys.stderr)
-        code = 2
     except KeyboardInterrupt:
         print(f"charrnn {args.command}: interrupted", file=sys.stderr)
         code = 130
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        print(f"charrnn {args.command}: error: {err}", file=sys.stderr)
+        code = 2
     sys.exit(code)

@@ -92,7 +92,7 @@ def _initial_weights():
     return CharRNN(ModelConfig(vocab_size=11, layers=2, hidden=16, dropout=0.0)).state_dict()
 
 
-def test_resumed_run_matches_an_uninterrupted_one(story_dataset, tmp_path):
+def test_resumed_run_matches_an_uninterrupted_one_and_keeps_its_options(story_dataset, tmp_path):
     options = {**TINY, "dropout": 0.0, "max_steps": 100}
     whole = train([story_dataset], str(tmp_path / "whole"), options, log=lambda m: None)
     train([story_dataset], str(tmp_path / "split"), {**options, "max_steps": 50}, log=lambda m: None)
@@ -108,13 +108,11 @@ def test_resumed_run_matches_an_uninterrupted_one(story_dataset, tmp_path):
     before = next(r for r in metrics if r.get("step") == 50 and "loss" in r)["loss"]
     assert first_after < before + 0.3
 
-
-def test_resume_refuses_to_change_the_model(story_dataset, tmp_path):
-    train([story_dataset], str(tmp_path / "run"), {**TINY, "max_steps": 5}, log=lambda m: None)
+    # A resume keeps the run's model and data; a fresh run never overwrites one.
     with pytest.raises(TrainingError, match="cannot change hidden"):
-        train([], str(tmp_path / "run"), {"hidden": 64}, resume=True, log=lambda m: None)
+        train([], str(tmp_path / "split"), {"hidden": 64}, resume=True, log=lambda m: None)
     with pytest.raises(TrainingError, match="already holds a run"):
-        train([story_dataset], str(tmp_path / "run"), TINY, log=lambda m: None)
+        train([story_dataset], str(tmp_path / "split"), TINY, log=lambda m: None)
 
 
 def _parent(pid: int) -> int:
