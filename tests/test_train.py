@@ -31,16 +31,23 @@ def records(run_dir) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_tiny_model_learns_far_below_uniform(story_dataset, tmp_path):
-    summary = train([story_dataset], str(tmp_path / "run"), {**TINY, "max_steps": 150}, log=lambda m: None)
-    vocab_size = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["model"]["vocab_size"]
+@pytest.fixture(scope="module")
+def tiny_run(story_dataset, tmp_path_factory):
+    """An uninterrupted 150-step run: what the resume test compares against, and a learning check."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    return run_dir, train([story_dataset], str(run_dir), {**TINY, "max_steps": 150}, log=lambda m: None)
+
+
+def test_tiny_model_learns_far_below_uniform(tiny_run):
+    run_dir, summary = tiny_run
+    vocab_size = json.loads((run_dir / "model" / "config.json").read_text())["model"]["vocab_size"]
     assert summary["steps"] == 150
     assert summary["best_val_loss"] < 0.6 * math.log(vocab_size)
-    metrics = records(tmp_path / "run")
+    metrics = records(run_dir)
     assert [r["step"] for r in metrics if "loss" in r] == list(range(1, 151))
     assert {"val_loss", "val_bpc"} <= set(metrics[-1])  # evaluated at the end
     assert all(r["chars_per_s"] > 0 for r in metrics)
-    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _one_ddp_step(job):
@@ -92,20 +99,19 @@ def _initial_weights():
     return CharRNN(ModelConfig(vocab_size=11, layers=2, hidden=16, dropout=0.0)).state_dict()
 
 
-def test_resumed_run_matches_an_uninterrupted_one_and_keeps_its_options(story_dataset, tmp_path):
-    options = {**TINY, "dropout": 0.0, "max_steps": 100}
-    whole = train([story_dataset], str(tmp_path / "whole"), options, log=lambda m: None)
-    train([story_dataset], str(tmp_path / "split"), {**options, "max_steps": 50}, log=lambda m: None)
-    resumed = train([], str(tmp_path / "split"), {"max_steps": 100}, resume=True, log=lambda m: None)
-    assert resumed["steps"] == whole["steps"] == 100
+def test_resumed_run_matches_an_uninterrupted_one_and_keeps_its_options(story_dataset, tiny_run, tmp_path):
+    _, whole = tiny_run
+    train([story_dataset], str(tmp_path / "split"), {**TINY, "max_steps": 75}, log=lambda m: None)
+    resumed = train([], str(tmp_path / "split"), {"max_steps": 150}, resume=True, log=lambda m: None)
+    assert resumed["steps"] == whole["steps"] == 150
     metrics = records(tmp_path / "split")
-    assert {"event": "resumed", "step": 50} in metrics
+    assert {"event": "resumed", "step": 75} in metrics
     steps = [r["step"] for r in metrics if "loss" in r]
-    assert steps == list(range(1, 101))  # no step lost or repeated
+    assert steps == list(range(1, 151))  # no step lost or repeated
     assert resumed["best_val_loss"] == pytest.approx(whole["best_val_loss"], abs=0.05)
     # The resumed run continued from the same optimizer state: its first step is no restart spike.
-    first_after = next(r for r in metrics if r.get("step") == 51 and "loss" in r)["loss"]
-    before = next(r for r in metrics if r.get("step") == 50 and "loss" in r)["loss"]
+    first_after = next(r for r in metrics if r.get("step") == 76 and "loss" in r)["loss"]
+    before = next(r for r in metrics if r.get("step") == 75 and "loss" in r)["loss"]
     assert first_after < before + 0.3
 
     # A resume keeps the run's model and data; a fresh run never overwrites one.
