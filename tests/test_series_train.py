@@ -8,7 +8,8 @@ import torch
 from models import Normalization, forecast, load_series_model
 from pipeline import CorpusError, PreparedSeries, SeriesOptions, prepare_series
 from training.config import TrainingError
-from training.driver import train
+from training.driver import latest_checkpoint, train
+from training.tasks import SeriesTask
 
 QUIET = {"log_every": 100}
 
@@ -37,12 +38,9 @@ def one_step_mse(model, normalization: Normalization, runs: list[np.ndarray]) ->
 
 @pytest.fixture(scope="module")
 def sine_run(sine_dataset, tmp_path_factory):
-    """800 steps, as a run stopped at step 400 and resumed: one Ray Train start-up fewer than testing
-    resume on its own."""
     run_dir = tmp_path_factory.mktemp("sine-run") / "run"
-    options = {"task": "series", "max_steps": 400, "val_every": 200, "checkpoint_every": 200, **QUIET}
-    train([sine_dataset], str(run_dir), options, log=lambda m: None)
-    summary = train([], str(run_dir), {"max_steps": 800}, resume=True, log=lambda m: None)
+    summary = train([sine_dataset], str(run_dir), {"task": "series", "max_steps": 800, "val_every": 200,
+                                                    "checkpoint_every": 400, **QUIET}, log=lambda m: None)
     return run_dir, summary
 
 
@@ -60,6 +58,7 @@ def test_plain_rnn_learns_the_sine_to_a_thousandth_of_its_variance(sine_dataset,
     # The run's own validation figure is the same error on normalized data.
     assert info["val_loss"] < 1e-3
     metrics = records(run_dir)
+    assert [r["step"] for r in metrics if "loss" in r] == list(range(1, 801))
     assert all(r["points_per_s"] > 0 for r in metrics if "loss" in r)
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -75,13 +74,21 @@ def test_multi_step_forecast_tracks_the_wave(sine_dataset, sine_run):
     assert np.corrcoef(predicted[:, 0], truth[:, 0])[0, 1] > 0.95
 
 
-def test_series_run_resumed_where_it_stopped_with_the_lessons_options(sine_run):
+def test_series_run_keeps_the_lessons_options_and_checkpoints_what_resume_reads(sine_run):
+    """Resuming is the text loop's (tested in test_train.py); what is the series task's own is the
+    model it checkpoints and reads back."""
     run_dir, _ = sine_run
-    metrics = records(run_dir)
-    assert {"event": "resumed", "step": 400} in metrics
-    assert [r["step"] for r in metrics if "loss" in r] == list(range(1, 801))  # none lost or repeated
     run = json.loads((run_dir / "run.json").read_text())["train"]
-    assert (run["task"], run["cell"], run["hidden"], run["lr"], run["max_steps"]) == ("series", "rnn", 32, 0.01, 800)
+    assert (run["task"], run["cell"], run["hidden"], run["lr"], run["seq"]) == ("series", "rnn", 32, 0.01, 20)
+    checkpoint = latest_checkpoint(run_dir)
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 800
+    job = {"model": load_series_model(checkpoint / "model")[1].to_json(),
+           "series": load_series_model(checkpoint / "model")[2]}
+    task = SeriesTask(job)
+    restored = task.build()
+    restored.load_state_dict(task.load_state(checkpoint / "model"))
+    saved, _, _, _ = load_series_model(checkpoint / "model")
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), saved.state_dict().values()))
 
 
 def test_series_task_needs_a_prepared_series_dataset(sine_dataset, tmp_path):
