@@ -126,7 +126,7 @@ def _sampling(f: _Fields, limits: Limits, length_name: str, length_default: int,
     f.read.add("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise APIError(400, f"'stop' must be a string, an array of strings or null", "stop")
+        raise APIError(400, "'stop' must be a string, an array of strings or null", "stop")
     _range(len(stop) <= MAX_STOP, "stop", f"holds {len(stop)} strings; the limit is {MAX_STOP}")
     stop = [clean_text(s) for s in stop]
     _range(all(0 < len(s) <= MAX_STOP_CHARS for s in stop), "stop",

@@ -21,22 +21,18 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true must not pass as 1
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    cell: str = "lstm"
-    layers: int = 2
-    hidden: int = 512
-    dropout: float = 0.5
-    embedding_dim: int | None = None  # None: vocab_size, the capacity of the one-hot input
+class RecurrentConfig:
+    """What the frozen dataclass configs of every network here share: checks of the recurrent stack
+    (`cell`, `layers`, `hidden`, `dropout`, and the positive sizes in `sizes`) and the JSON round
+    trip, in which an unknown key or a missing `required` one is an error."""
+    required = ""
+    sizes: tuple[str, ...] = ("layers", "hidden")
 
-    def __post_init__(self):
-        for name in ("vocab_size", "layers", "hidden"):
+    def _check(self) -> None:
+        for name in (self.required, *self.sizes):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"model {name} must be a positive integer, got {value!r}")
-        if self.embedding_dim is not None and (not _is_int(self.embedding_dim) or self.embedding_dim < 1):
-            raise ValueError(f"model embedding_dim must be a positive integer or null, got {self.embedding_dim!r}")
         if self.cell not in CELLS:
             raise ValueError(f"model cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) \
@@ -44,23 +40,51 @@ class ModelConfig:
             raise ValueError(f"model dropout must be a number in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "dropout", float(self.dropout))  # JSON may hand us 0 for 0.0
 
-    @property
-    def input_dim(self) -> int:
-        return self.vocab_size if self.embedding_dim is None else self.embedding_dim
-
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, obj: dict) -> "ModelConfig":
+    def from_json(cls, obj: dict):
         if not isinstance(obj, dict):
             raise ValueError(f"model config must be a JSON object, got {type(obj).__name__}")
         unknown = sorted(set(obj) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"model config has unknown keys: {', '.join(unknown)}")
-        if "vocab_size" not in obj:
-            raise ValueError("model config lacks vocab_size")
+        if cls.required not in obj:
+            raise ValueError(f"model config lacks {cls.required}")
         return cls(**obj)
+
+
+def recurrent_stack(config, input_dim: int) -> nn.Module:
+    # torch applies `dropout` only between layers, and warns when there is no "between".
+    between = config.dropout if config.layers > 1 else 0.0
+    return CELLS[config.cell](input_dim, config.hidden, num_layers=config.layers, dropout=between, batch_first=True)
+
+
+def zero_state(config, batch: int, like: torch.Tensor, device: torch.device | str | None = None) -> State:
+    """The zero state of `config`'s stack, in `like`'s dtype, on its device unless `device` says otherwise."""
+    h = torch.zeros(config.layers, batch, config.hidden, dtype=like.dtype, device=like.device if device is None else device)
+    return (h, torch.zeros_like(h)) if config.cell == "lstm" else h
+
+
+@dataclass(frozen=True)
+class ModelConfig(RecurrentConfig):
+    vocab_size: int
+    cell: str = "lstm"
+    layers: int = 2
+    hidden: int = 512
+    dropout: float = 0.5
+    embedding_dim: int | None = None  # None: vocab_size, the capacity of the one-hot input
+    required = "vocab_size"
+
+    def __post_init__(self):
+        self._check()
+        if self.embedding_dim is not None and (not _is_int(self.embedding_dim) or self.embedding_dim < 1):
+            raise ValueError(f"model embedding_dim must be a positive integer or null, got {self.embedding_dim!r}")
+
+    @property
+    def input_dim(self) -> int:
+        return self.vocab_size if self.embedding_dim is None else self.embedding_dim
 
 
 class CharRNN(nn.Module):
@@ -68,10 +92,7 @@ class CharRNN(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.input_dim)
-        # torch applies `dropout` only between layers, and warns when there is no "between".
-        between = config.dropout if config.layers > 1 else 0.0
-        self.rnn = CELLS[config.cell](config.input_dim, config.hidden, num_layers=config.layers,
-                                      dropout=between, batch_first=True)
+        self.rnn = recurrent_stack(config, config.input_dim)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden, config.vocab_size)
 
@@ -83,10 +104,7 @@ class CharRNN(nn.Module):
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> State:
         """The zero state, on the model's device and in its dtype unless `device` says otherwise."""
-        weight = self.head.weight
-        h = torch.zeros(self.config.layers, batch, self.config.hidden, dtype=weight.dtype,
-                        device=weight.device if device is None else device)
-        return (h, torch.zeros_like(h)) if self.config.cell == "lstm" else h
+        return zero_state(self.config, batch, self.head.weight, device)
 
 
 def detach_state(state: State) -> State:

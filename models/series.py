@@ -5,58 +5,34 @@ The network works on normalized values ((x - mean) / std, with the training spli
 stored in the model folder); `forecast` takes and returns values in the data's own units."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from .charrnn import CELLS, State, _is_int
+from .charrnn import RecurrentConfig, State, recurrent_stack, zero_state
 
 
 @dataclass(frozen=True)
-class SeriesConfig:
+class SeriesConfig(RecurrentConfig):
     features: int
     cell: str = "rnn"
     layers: int = 1
     hidden: int = 32
     dropout: float = 0.0
+    required = "features"
 
     def __post_init__(self):
-        for name in ("features", "layers", "hidden"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"model {name} must be a positive integer, got {value!r}")
-        if self.cell not in CELLS:
-            raise ValueError(f"model cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model dropout must be a number in [0, 1), got {self.dropout!r}")
-        object.__setattr__(self, "dropout", float(self.dropout))
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "SeriesConfig":
-        if not isinstance(obj, dict):
-            raise ValueError(f"model config must be a JSON object, got {type(obj).__name__}")
-        unknown = sorted(set(obj) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"model config has unknown keys: {', '.join(unknown)}")
-        if "features" not in obj:
-            raise ValueError("model config lacks features")
-        return cls(**obj)
+        self._check()
 
 
 class SeriesRNN(nn.Module):
     def __init__(self, config: SeriesConfig):
         super().__init__()
         self.config = config
-        between = config.dropout if config.layers > 1 else 0.0
-        self.rnn = CELLS[config.cell](config.features, config.hidden, num_layers=config.layers,
-                                      dropout=between, batch_first=True)
+        self.rnn = recurrent_stack(config, config.features)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden, config.features)
 
@@ -67,10 +43,7 @@ class SeriesRNN(nn.Module):
         return self.head(self.dropout(out)), state
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> State:
-        weight = self.head.weight
-        h = torch.zeros(self.config.layers, batch, self.config.hidden, dtype=weight.dtype,
-                        device=weight.device if device is None else device)
-        return (h, torch.zeros_like(h)) if self.config.cell == "lstm" else h
+        return zero_state(self.config, batch, self.head.weight, device)
 
 
 class Normalization:
