@@ -25,11 +25,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
 from pipeline.errors import CorpusError
 from pipeline.prepare import (MANIFEST, SPLITS, _check_replaceable, _delete_leftovers, _delete_quietly, _hidden,
                               _publish, _write_bytes)
 from pipeline.series_dataset import FORMAT, FORMAT_VERSION, SHARD_SCHEMA, PreparedSeries, open_prepared, value_runs
+from pipeline.series_source import SeriesFileDatasource
 from pipeline.series_read import check_readable, is_series_file, read_points, require_columns
 from pipeline.sources import SourceFile, expand_inputs, resolve_filesystem
 
@@ -155,10 +157,6 @@ def _read(files: list[SourceFile], options: SeriesOptions, with_values: bool
           ) -> Iterator[tuple[int, int, Optional[np.ndarray], Optional[pa.Array]]]:
     """(file index, rows, values float64 [rows, features] or None, ids or None) per chunk, files in
     order and each file's rows in order; raises the first bad input met in that order."""
-    import ray.data  # here, not at the top: `import pipeline` must not cost Ray Data's import
-
-    from pipeline.series_source import SeriesFileDatasource
-
     datasource = SeriesFileDatasource(files, list(options.columns), options.series_id, with_values)
     ds = ray.data.read_datasource(datasource, override_num_blocks=datasource.num_tasks)
     ds.context.execution_options.preserve_order = True

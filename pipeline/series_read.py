@@ -3,7 +3,7 @@
 `read_file_chunks` streams one file in chunks of rows (never the whole file at once) and turns every
 problem into a one-line CorpusError naming the file, the column and the row. `SeriesFileDatasource`
 (series_source.py) runs it in Ray Data read tasks; `read_points` runs it here, without Ray, for one
-small file. This module imports no Ray, so `charrnn forecast` starts fast.
+small file.
 
 A read task never raises: it yields its error as a row. The driver, which takes the rows in file
 order, raises the first one; so the message is the same whatever the cluster, and no Ray traceback
