@@ -16,21 +16,92 @@ from pipeline.sources import resolve_filesystem
 from pipeline.vocab import Vocabulary
 
 
-class PreparedDataset:
+def read_manifest(location: str):
+    """(filesystem, root path, manifest) of the dataset folder `location`."""
+    fs, root = resolve_filesystem(location)
+    try:
+        with fs.open_input_stream(f"{root.rstrip('/')}/{MANIFEST}") as f:
+            return fs, root, json.loads(f.read())
+    except FileNotFoundError:
+        raise CorpusError(f"{location} is not a prepared dataset: no {MANIFEST} (run charrnn prepare "
+                          f"or prepare-series)") from None
+    except (OSError, ValueError) as err:
+        raise CorpusError(f"cannot read {location}/{MANIFEST}: {err}") from None
+
+
+class ShardedDataset:
+    """What every prepared dataset shares: its manifest, each split's shards in manifest order, and
+    reading them back. A subclass names its format, the shard column holding a run (`column`), the
+    manifest's per-shard count (`count`) and how a column becomes runs (`_runs`)."""
+    format, format_version, command = "", 0, ""
+    column, count = "", ""
+
     def __init__(self, location: str):
         self.location = location
-        self.fs, self.root = resolve_filesystem(location)
-        manifest_path = f"{self.root.rstrip('/')}/{MANIFEST}"
-        try:
-            with self.fs.open_input_stream(manifest_path) as f:
-                self.manifest = json.loads(f.read())
-        except FileNotFoundError:
-            raise CorpusError(f"{location} is not a prepared dataset: no {MANIFEST} (run charrnn prepare)") from None
-        except (OSError, ValueError) as err:
-            raise CorpusError(f"cannot read {location}/{MANIFEST}: {err}") from None
-        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
+        self.fs, self.root, self.manifest = read_manifest(location)
+        if self.manifest.get("format") != self.format or self.manifest.get("format_version") != self.format_version:
             raise CorpusError(f"{location}/{MANIFEST} is format {self.manifest.get('format')!r} version "
-                              f"{self.manifest.get('format_version')}; this charrnn reads {FORMAT} version {FORMAT_VERSION}")
+                              f"{self.manifest.get('format_version')}; this reads {self.format} version "
+                              f"{self.format_version} (written by {self.command})")
+
+    def _runs(self, column: pa.ChunkedArray) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def shard_paths(self, split: str) -> list[str]:
+        """Paths inside `self.fs`, in manifest order (which is run order)."""
+        return [f"{self.root.rstrip('/')}/{s['path']}" for s in self._split(split)["shards"]]
+
+    def ray_dataset(self, split: str):
+        """The split as a Ray Dataset with one row per run."""
+        import ray.data
+
+        paths = self.shard_paths(split)
+        if not paths:
+            raise CorpusError(f"{self.location} has no {split} shards")
+        # partitioning=None: a `key=value` folder in DIR's path must not turn into a column.
+        return ray.data.read_parquet(paths, filesystem=self.fs, partitioning=None)
+
+    def iter_runs(self, split: str) -> Iterator[np.ndarray]:
+        """Each run as an array, shard by shard in manifest order, without Ray."""
+        for path in self.shard_paths(split):
+            with self.fs.open_input_file(path) as f:
+                table = pq.read_table(f, columns=[self.column])
+            yield from self._runs(table[self.column])
+
+    def verify(self) -> list[str]:
+        """Problems found by re-reading every shard: size, sha256, rows and the manifest's count."""
+        problems = []
+        for split in SPLITS:
+            for shard in self._split(split)["shards"]:
+                path = f"{self.root.rstrip('/')}/{shard['path']}"
+                try:
+                    with self.fs.open_input_stream(path) as f:
+                        payload = f.read()
+                except OSError:  # FileNotFoundError included
+                    problems.append(f"{shard['path']}: missing")
+                    continue
+                if len(payload) != shard["bytes"] or hashlib.sha256(payload).hexdigest() != shard["sha256"]:
+                    problems.append(f"{shard['path']}: checksum mismatch")
+                    continue
+                table = pq.read_table(pa.BufferReader(payload), columns=[self.column])
+                found = sum(len(run) for run in self._runs(table[self.column]))
+                if table.num_rows != shard["rows"] or found != shard[self.count]:
+                    problems.append(f"{shard['path']}: {table.num_rows} rows / {found} {self.count}, manifest says "
+                                    f"{shard['rows']} / {shard[self.count]}")
+        return problems
+
+    def _split(self, split: str) -> dict:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.manifest["splits"][split]
+
+
+class PreparedDataset(ShardedDataset):
+    format, format_version, command = FORMAT, FORMAT_VERSION, "charrnn prepare"
+    column, count = "tokens", "tokens"
+
+    def __init__(self, location: str):
+        super().__init__(location)
         self.vocab = Vocabulary.from_json(self.manifest["vocab"])
 
     def encode(self, text: str) -> np.ndarray:
@@ -42,53 +113,8 @@ class PreparedDataset:
     def tokens(self, split: str) -> int:
         return self._split(split)["tokens"]
 
-    def shard_paths(self, split: str) -> list[str]:
-        """Paths inside `self.fs`, in manifest order."""
-        return [f"{self.root.rstrip('/')}/{s['path']}" for s in self._split(split)["shards"]]
-
-    def ray_dataset(self, split: str):
-        """The split as a Ray Dataset with one row per run: source, char_offset, run, tokens."""
-        import ray.data
-
-        paths = self.shard_paths(split)
-        if not paths:
-            raise CorpusError(f"{self.location} has no {split} shards")
-        return ray.data.read_parquet(paths, filesystem=self.fs)
-
-    def iter_runs(self, split: str) -> Iterator[np.ndarray]:
-        """Each run's token ids, shard by shard in manifest order, without Ray."""
-        for path in self.shard_paths(split):
-            with self.fs.open_input_file(path) as f:
-                table = pq.read_table(f, columns=["tokens"])
-            yield from token_runs(table["tokens"], self.vocab.dtype)
-
-    def verify(self) -> list[str]:
-        """Problems found by re-reading every shard: size, sha256, rows and tokens."""
-        problems = []
-        for split in SPLITS:
-            for shard in self._split(split)["shards"]:
-                path = f"{self.root.rstrip('/')}/{shard['path']}"
-                try:
-                    with self.fs.open_input_stream(path) as f:
-                        payload = f.read()
-                except (FileNotFoundError, OSError):
-                    problems.append(f"{shard['path']}: missing")
-                    continue
-                if len(payload) != shard["bytes"] or hashlib.sha256(payload).hexdigest() != shard["sha256"]:
-                    problems.append(f"{shard['path']}: checksum mismatch")
-                    continue
-                table = pq.read_table(pa.BufferReader(payload), columns=["tokens"])
-                tokens = sum(len(run) for run in token_runs(table["tokens"], self.vocab.dtype))
-                if table.num_rows != shard["rows"] or tokens != shard["tokens"]:
-                    problems.append(f"{shard['path']}: {table.num_rows} rows / {tokens} tokens, manifest says "
-                                    f"{shard['rows']} / {shard['tokens']}")
-        return problems
-
-    def _split(self, split: str) -> dict:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        return self.manifest["splits"][split]
-
+    def _runs(self, column: pa.ChunkedArray) -> Iterator[np.ndarray]:
+        return token_runs(column, self.vocab.dtype)
 
 
 def token_runs(column: pa.ChunkedArray, dtype: np.dtype) -> Iterator[np.ndarray]:
