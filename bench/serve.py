@@ -21,8 +21,8 @@ Prints one JSON object. In one run it:
      torch's default if that differs; the faster is the classic rate every ratio is taken against.
 
 Time to first character is measured at the client: from sending the request to the first streamed
-chunk. The server flushes a stream every 32 characters or 0.1 s, so it includes up to that much
-buffering, as a real client sees it. The clients run on the same machine and share its cores.
+chunk, which the server sends as soon as the first character is sampled (then every 32 characters
+or 0.25 s). The clients run on the same machine and share its cores.
 
   python bench/serve.py                           # the full run: 1, 8, 64 clients x 500 characters
   python bench/serve.py --levels 1,4 --chars 50   # a smoke run (1-2 minutes, mostly Ray start-up)
@@ -310,7 +310,7 @@ def main() -> None:
         "errors": errors,
         "target_met": bool(at_64 and at_64["ratio_vs_classic"] >= 20 and errors == 0),
         "notes": ["chars_per_s: characters received by all clients / wall time of the level",
-                  "ttfc_ms: request sent -> first streamed chunk (the server flushes every 32 chars or 0.1 s)",
+                  "ttfc_ms: request sent -> first streamed chunk (sent with the first character)",
                   "classic chars_per_s: the best run at the replica's torch threads or torch's default, "
                   "timed as notebook_charrnn.py times it (priming with 'The' included)",
                   "decoder_mean_batch: rows per batched step during the level, from /v1/stats"],

@@ -176,6 +176,27 @@ def test_decoder_stop_strings_and_streamed_chunks(run_dir):
     finally:
         decoder.close()
 
+def test_decoder_streams_the_first_character_at_once(run_dir):
+    """The first chunk goes out after one step, whatever the chunk size and interval; with both out
+    of reach the rest comes in one chunk at the end."""
+    model, _, vocab_json, _ = load_model(run_dir / "model")
+    vocab = Vocabulary.from_json(vocab_json)
+    decoder = Decoder(model, vocab.chars + ["\ufffd"], max_batch=8, flush_chars=10_000, flush_interval_s=3600)
+
+    async def go():
+        sink = asyncio.Queue()
+        seq = decoder.submit(vocab.encode("Anna").tolist(), Sampling(max_chars=200, seed=5), sink)
+        chunks = []
+        while (item := await sink.get())[1] is not None:
+            chunks.append(item[1])
+        return seq, chunks
+    try:
+        seq, chunks = asyncio.run(go())
+        assert [len(c) for c in chunks] == [1, 199] and "".join(chunks) == seq.text
+    finally:
+        decoder.close()
+
+
 
 def test_decoder_survives_a_failing_step(run_dir):
     """A bug in a step fails the sequences of that batch, frees their places and keeps decoding."""
