@@ -9,8 +9,9 @@ Prints one JSON object. In one run it:
      session, waits for GET /healthz, sends one warm-up request, then for each level of --levels
      runs that many client threads at once, each streaming requests of --chars characters from
      POST /v1/generate (prime "The", top_k 5, seed --seed + request number). A client at a level
-     makes ceil(--min-requests / clients) requests one after the other, so small levels get
-     several samples. Per level: aggregate characters per second (all characters received / wall
+     makes max(--min-rounds, ceil(--min-requests / clients)) requests one after the other: small
+     levels get several samples, and at 64 clients the level is not one burst of simultaneous
+     starts and finishes but a steady load, as a service sees it. Per level: aggregate characters per second (all characters received / wall
      time from the common start to the last request's end), time to first character and latency
      percentiles, errors (a failed request, or one that returned another number of characters);
   3. stops the server (SIGINT, as Ctrl-C) and runs the classic recipe's sampling loop
@@ -241,6 +242,8 @@ def main() -> None:
     ap.add_argument("--chars", type=int, default=500, help="characters per request (default 500)")
     ap.add_argument("--min-requests", type=int, default=8,
                     help="requests per level at least: small levels make several rounds (default 8)")
+    ap.add_argument("--min-rounds", type=int, default=2,
+                    help="requests each client makes one after the other, at least (default 2)")
     ap.add_argument("--model", help="a trained model or run folder (default: the seed-size model, random weights)")
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="`charrnn serve --num-cpus` (default: all)")
     ap.add_argument("--serve-args", default="", help="more `charrnn serve` options, e.g. '--threads 2'")
@@ -270,7 +273,7 @@ def main() -> None:
             results, next_seed = [], args.seed
             for clients in levels:
                 before = decoder_counts(url)
-                rounds = math.ceil(args.min_requests / clients)
+                rounds = max(args.min_rounds, math.ceil(args.min_requests / clients))
                 level = run_level(url, clients, rounds, args.chars, next_seed)
                 steps, chars = (after - then for then, after in zip(before, decoder_counts(url)))
                 level["decoder_mean_batch"] = round(chars / max(steps, 1), 1)

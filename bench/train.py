@@ -257,7 +257,9 @@ def quality(minutes: float, name: str, args) -> dict:
     split = int(len(text) * 0.9)  # the classic script trains on text[:split] and validates on the rest
     train_text = work / f"{args.corpus.stem}-first90.txt"
     train_text.write_text(text[:split])
-    data = prepared(train_text, work / f"{train_text.stem}-prepared", args, "--val-fraction", "0.02", fresh=True)
+    # Runs of 8192: the default 16384 cuts this text into fewer runs than the seed batch's 128 lanes.
+    data = prepared(train_text, work / f"{train_text.stem}-prepared", args, "--val-fraction", "0.02",
+                    "--run-length", "8192", fresh=True)
     out = {"config": name, **cfg, "minutes": minutes}
 
     busy = foreign_cores(f"quality: baseline, {minutes} min", args.quiet_wait)
