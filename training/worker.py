@@ -82,7 +82,9 @@ def train_loop_per_worker(job: dict) -> None:
         loss, grad_norm, state = train_step(ddp_model, optimizer, scheduler, window, state, config.clip, device)
         step += 1
         steps_this_session += 1
-        loss_value = _mean_over_ranks(loss, world)
+        over_time = deadline is not None and time.monotonic() > deadline
+        loss_value, epoch_ended, over_time = _agree(loss, stream.epoch != last_epoch, over_time, world=world, device=device)
+        last_epoch = stream.epoch
         diverged = not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)) or task.diverged(loss_value)
         if diverged:
             _log(rank, f"step {step}: loss {loss_value:.4g}, stopping: the training diverged")
@@ -94,9 +96,7 @@ def train_loop_per_worker(job: dict) -> None:
         train_seconds += time.perf_counter() - step_started
         per_s = steps_this_session * points_per_step / train_seconds
         record[f"{task.unit}_per_s"] = per_s
-        epoch_ended = stream.epoch != last_epoch
-        last_epoch = stream.epoch
-        done = step >= job["total_steps"] or deadline is not None and _any_rank(time.monotonic() > deadline, world, device)
+        done = step >= job["total_steps"] or over_time
         if step % config.val_every == 0 or epoch_ended or done:
             val_loss = _validate(module, val_runs, config, device, world)
             record.update(task.val_metrics(val_loss))
@@ -141,21 +141,15 @@ def _validate(module, val_runs: list[np.ndarray], config: TrainConfig, device, w
     return float(sums[0] / max(sums[1], 1.0))
 
 
-def _mean_over_ranks(loss: torch.Tensor, world: int) -> float:
+def _agree(loss: torch.Tensor, *flags: bool, world: int, device) -> tuple:
+    """(mean loss over ranks, each flag true on every rank if it is on any rank), in one all-reduce
+    per step. Ranks must agree on when to validate and when to stop: each rank's stream reaches its
+    epoch's end at its own step, and a rank that validated while another took a training step
+    would cross their collectives (gloo aborts on the size mismatch)."""
+    values = torch.tensor([float(loss), *map(float, flags)], dtype=torch.float64, device=device)
     if world > 1:
-        loss = loss.float().clone()
-        dist.all_reduce(loss)
-        loss /= world
-    return float(loss)
-
-
-def _any_rank(flag: bool, world: int, device) -> bool:
-    """True on every rank if it is on any: ranks must agree on when to stop, or DDP hangs."""
-    if world == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        dist.all_reduce(values)
+    return (float(values[0]) / world, *(bool(v > 0) for v in values[1:].tolist()))
 
 
 def _report_with_checkpoint(rank, record, module, task, optimizer, scheduler, position) -> None:
