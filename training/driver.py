@@ -103,15 +103,8 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
             name="ray", storage_path=str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": {
-                # Train's print patch would echo each worker line a second time through its logger.
-                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-                # Each worker's data stream holds a share of the cluster's CPUs (Ray Data's
-                # autoscaling coordinator), renewed every 10 s. A worker that dies cannot give its
-                # share back, so it is held until it expires (default 180 s) while the restarted
-                # workers' streams wait for CPUs to read with; 30 s frees it sooner.
-                "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "30",
-            }},
+            # Train's print patch would echo each worker line a second time through its logger.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets={split: _quiet_ordered(dataset.ray_dataset(split)) for split in ("train", "validation")},
         # Each worker streams the whole dataset and keeps its share of the runs (see worker.runs_of).
