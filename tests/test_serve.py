@@ -154,20 +154,25 @@ def test_decoder_same_seed_same_text_alone_or_in_a_crowd(run_dir):
         decoder.close()
 
 
+def _stream(decoder, prime: list[int], sampling: Sampling):
+    """One streamed sequence: (the sequence, its chunks as they came)."""
+    async def go():
+        sink = asyncio.Queue()
+        seq = decoder.submit(prime, sampling, sink)
+        chunks = []
+        while (item := await sink.get())[1] is not None:
+            chunks.append(item[1])
+        return seq, chunks
+    return asyncio.run(go())
+
+
 def test_decoder_stop_strings_and_streamed_chunks(run_dir):
     model, _, vocab_json, _ = load_model(run_dir / "model")
     vocab = Vocabulary.from_json(vocab_json)
     decoder = Decoder(model, vocab.chars + ["\ufffd"], max_batch=8, flush_chars=3)
 
-    async def go():
-        sink = asyncio.Queue()
-        seq = decoder.submit(vocab.encode("Anna").tolist(), Sampling(max_chars=300, seed=5, stop=("sister", ".")), sink)
-        chunks = []
-        while (item := await sink.get())[1] is not None:
-            chunks.append(item[1])
-        return seq, chunks
     try:
-        seq, chunks = asyncio.run(go())
+        seq, chunks = _stream(decoder, vocab.encode("Anna").tolist(), Sampling(max_chars=300, seed=5, stop=("sister", ".")))
         assert seq.finish_reason == "stop" and "." not in seq.text and "sister" not in seq.text
         assert "".join(chunks) == seq.text and len(chunks) > 1
         [free] = _decode_all(decoder, [(vocab.encode("Anna").tolist(), Sampling(max_chars=300, seed=5))])
@@ -176,6 +181,7 @@ def test_decoder_stop_strings_and_streamed_chunks(run_dir):
     finally:
         decoder.close()
 
+
 def test_decoder_streams_the_first_character_at_once(run_dir):
     """The first chunk goes out after one step, whatever the chunk size and interval; with both out
     of reach the rest comes in one chunk at the end."""
@@ -183,15 +189,8 @@ def test_decoder_streams_the_first_character_at_once(run_dir):
     vocab = Vocabulary.from_json(vocab_json)
     decoder = Decoder(model, vocab.chars + ["\ufffd"], max_batch=8, flush_chars=10_000, flush_interval_s=3600)
 
-    async def go():
-        sink = asyncio.Queue()
-        seq = decoder.submit(vocab.encode("Anna").tolist(), Sampling(max_chars=200, seed=5), sink)
-        chunks = []
-        while (item := await sink.get())[1] is not None:
-            chunks.append(item[1])
-        return seq, chunks
     try:
-        seq, chunks = asyncio.run(go())
+        seq, chunks = _stream(decoder, vocab.encode("Anna").tolist(), Sampling(max_chars=200, seed=5))
         assert [len(c) for c in chunks] == [1, 199] and "".join(chunks) == seq.text
     finally:
         decoder.close()
