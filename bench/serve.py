@@ -13,7 +13,8 @@ Prints one JSON object. In one run it:
      levels get several samples, and at 64 clients the level is not one burst of simultaneous
      starts and finishes but a steady load, as a service sees it. Per level: aggregate characters
      per second (all characters received / wall time from the common start to the last request's
-     end), time to first character and latency percentiles, errors (a failed request, or one that returned another number of characters);
+     end), time to first character and latency percentiles, errors (a failed request, or one
+     that returned another number of characters);
   3. stops the server (SIGINT, as Ctrl-C) and runs the classic recipe's sampling loop
      (/work/shared/baselines/notebook_charrnn.py: one character at a time, numpy one-hot input,
      softmax, top-k, np.random.choice) in this process on the SAME function: the baseline's own
