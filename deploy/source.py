@@ -10,6 +10,7 @@ from pathlib import Path
 
 from models import ModelFolderError, load_model, load_series_model, model_task
 from models.folder import CONFIG, WEIGHTS
+from pipeline.sources import join_location
 from pipeline.vocab import Vocabulary
 
 
@@ -38,7 +39,7 @@ def resolve(location: str) -> str:
     path = path.rstrip("/")
     for folder in (path, f"{path}/model"):
         if fs.get_file_info(f"{folder}/{CONFIG}").type == pafs.FileType.File:
-            return location.rstrip("/") + ("" if folder == path else "/model")
+            return location if folder == path else join_location(location, "model")
     raise ModelFolderError(f"{location} is neither a model folder nor a run folder: no {CONFIG} in it or in its model/")
 
 

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import CorpusError
-from pipeline.prepare import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS
+from pipeline.prepare import FORMAT, FORMAT_VERSION, SPLITS
+from pipeline.publish import MANIFEST
 from pipeline.sources import resolve_filesystem
 from pipeline.vocab import Vocabulary
 

@@ -3,8 +3,7 @@
 Two passes of Ray Data over byte ranges of the corpus (see text_ranges.py):
   1. count characters per range (also finds binary files and invalid UTF-8); merged on the driver;
   2. encode each range with the vocabulary, cut it into runs and write one shard per read task.
-Everything is written to a hidden staging folder beside DIR, the manifest last; the staging folder
-then replaces DIR in two renames, so DIR is always either the old dataset, the new one, or absent.
+Everything is written to a staging folder, the manifest last, and published whole (publish.py).
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import json
 import math
 import sys
 import time
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -30,13 +28,13 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.errors import CorpusError
+from pipeline.publish import MANIFEST, make_way, staged, write_bytes
 from pipeline.sources import SourceFile, default_corpus, expand_inputs, resolve_filesystem
 from pipeline.text_ranges import TextRangeDatasource
 from pipeline.vocab import Vocabulary, count_codepoints, decode_range
 
 FORMAT = "charrnn-text-dataset"
 FORMAT_VERSION = 2
-MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 
 
@@ -79,8 +77,7 @@ def prepare(inputs: list[str], out: str, options: PrepareOptions = PrepareOption
     started = time.perf_counter()
     sources = expand_inputs(inputs) if inputs else default_corpus()
     out_fs, out_path = resolve_filesystem(out)
-    _check_replaceable(out_fs, out_path, out)
-    _delete_leftovers(out_fs, out_path)
+    make_way(out_fs, out_path, out)
     before_ray()
 
     total_mb = sum(s.size for s in sources) / 1e6
@@ -97,40 +94,13 @@ def prepare(inputs: list[str], out: str, options: PrepareOptions = PrepareOption
     vocab = Vocabulary.from_counts(counts, options.min_count, options.max_vocab)
     run_plan = _plan_runs(ranges, options)
 
-    staging = f"{out_path.rstrip('/')}.partial-{uuid.uuid4().hex[:12]}"
-    staging = _hidden(staging)
-    # The split folders are made here, once: a worker's late write after an interruption then
-    # fails instead of recreating a staging folder the driver has just deleted.
-    for split in SPLITS:
-        out_fs.create_dir(f"{staging}/{split}", recursive=True)
-    try:
+    with staged(out_fs, out_path, SPLITS) as staging:
         log(f"pass 2/2: encoding {total_chars:,} characters with {vocab.size} ids into shards")
         shards = _encode_pass(sources, vocab, run_plan, options, out_fs, staging)
         manifest = _manifest(sources, ranges, skipped, vocab, shards, run_plan, options)
-        _write_bytes(out_fs, f"{staging}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-        _publish(out_fs, staging, out_path)
-    except BaseException:
-        _delete_quietly(out_fs, staging)
-        raise
+        write_bytes(out_fs, f"{staging}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
     manifest["elapsed_s"] = time.perf_counter() - started  # for the summary; not in the file
     return manifest
-
-
-def _hidden(path: str) -> str:
-    head, _, name = path.rpartition("/")
-    return f"{head}/.{name}"
-
-
-def _check_replaceable(fs: pafs.FileSystem, path: str, shown: str) -> None:
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        return
-    if info.type != pafs.FileType.Directory:
-        raise CorpusError(f"--out {shown} exists and is not a folder")
-    if fs.get_file_info(f"{path}/{MANIFEST}").type == pafs.FileType.File:
-        return
-    if fs.get_file_info(pafs.FileSelector(path)):
-        raise CorpusError(f"--out {shown} is a non-empty folder without {MANIFEST}; refusing to replace it")
 
 
 def _count_pass(sources: list[SourceFile], options: PrepareOptions) -> list[dict]:
@@ -268,16 +238,11 @@ def _write_shard(fs, staging: str, name: str, rows: dict, dtype: np.dtype) -> di
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd", use_dictionary=["source"])
     payload = buffer.getvalue()
-    _write_bytes(fs, f"{staging}/{name}", payload)
+    write_bytes(fs, f"{staging}/{name}", payload)
     split = name.split("/", 1)[0]
     return {"path": name, "split": split, "rows": table.num_rows,
             "tokens": sum(map(len, rows["tokens"])) // dtype.itemsize,
             "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-
-
-def _write_bytes(fs: pafs.FileSystem, path: str, payload: bytes) -> None:
-    with fs.open_output_stream(path) as f:
-        f.write(payload)
 
 
 def _manifest(sources, ranges, skipped, vocab, shards, run_plan, options) -> dict:
@@ -301,29 +266,3 @@ def _manifest(sources, ranges, skipped, vocab, shards, run_plan, options) -> dic
         "skipped": skipped,
         "options": asdict(options),
     }
-
-
-def _publish(fs: pafs.FileSystem, staging: str, out_path: str) -> None:
-    """Swap the finished staging folder in for `out_path`; only the old one is ever deleted."""
-    old = None
-    if fs.get_file_info(out_path).type != pafs.FileType.NotFound:
-        old = _hidden(f"{out_path.rstrip('/')}.old-{uuid.uuid4().hex[:12]}")
-        fs.move(out_path, old)
-    fs.move(staging, out_path)
-    if old:
-        _delete_quietly(fs, old)
-
-
-def _delete_leftovers(fs: pafs.FileSystem, out_path: str) -> None:
-    """Staging folders of runs that were killed before they could clean up."""
-    parent, _, name = out_path.rstrip("/").rpartition("/")
-    for info in fs.get_file_info(pafs.FileSelector(parent or "/", allow_not_found=True)):
-        if info.base_name.startswith((f".{name}.partial-", f".{name}.old-")):
-            _delete_quietly(fs, info.path)
-
-
-def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
-    try:
-        fs.delete_dir(path)
-    except OSError:
-        pass

@@ -16,7 +16,6 @@ import io
 import json
 import sys
 import time
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Optional
@@ -28,8 +27,8 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.errors import CorpusError
-from pipeline.prepare import (MANIFEST, SPLITS, _check_replaceable, _delete_leftovers, _delete_quietly, _hidden,
-                              _publish, _write_bytes)
+from pipeline.prepare import SPLITS
+from pipeline.publish import MANIFEST, make_way, staged, write_bytes
 from pipeline.series_dataset import FORMAT, FORMAT_VERSION, SHARD_SCHEMA, PreparedSeries, open_prepared, value_runs
 from pipeline.series_source import SeriesFileDatasource
 from pipeline.series_read import check_readable, is_series_file, read_points, require_columns
@@ -99,8 +98,7 @@ def prepare_series(inputs: list[str], out: str, options: SeriesOptions,
         files = series_files(inputs)
         require_columns(files[0], list(options.columns) + [options.series_id] * bool(options.series_id))
     out_fs, out_path = resolve_filesystem(out)
-    _check_replaceable(out_fs, out_path, out)
-    _delete_leftovers(out_fs, out_path)
+    make_way(out_fs, out_path, out)
 
     if options.synthetic:
         log(f"generating {options.series} sine series of {options.points:,} points")
@@ -114,10 +112,7 @@ def prepare_series(inputs: list[str], out: str, options: SeriesOptions,
         chunks, synthetic = _routed_chunks(files, keys, options), None
     runs = _plan_runs(counts, options)
 
-    staging = _hidden(f"{out_path.rstrip('/')}.partial-{uuid.uuid4().hex[:12]}")
-    for split in SPLITS:
-        out_fs.create_dir(f"{staging}/{split}", recursive=True)
-    try:
+    with staged(out_fs, out_path, SPLITS) as staging:
         if files:
             log(f"pass 2/2: cutting {len(keys)} series into {len(runs):,} runs and writing shards")
         writer = _Writer(keys, counts, runs, len(options.columns), out_fs, staging)
@@ -125,11 +120,7 @@ def prepare_series(inputs: list[str], out: str, options: SeriesOptions,
             writer.feed(series, values)
         shards, normalization = writer.finish()
         manifest = _manifest(options, files, rows, keys, counts, shards, normalization, synthetic)
-        _write_bytes(out_fs, f"{staging}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-        _publish(out_fs, staging, out_path)
-    except BaseException:
-        _delete_quietly(out_fs, staging)
-        raise
+        write_bytes(out_fs, f"{staging}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
     manifest["elapsed_s"] = time.perf_counter() - started  # for the summary; not in the file
     return manifest
 
@@ -343,7 +334,7 @@ def _write_shard(fs, staging: str, split: str, index: int, features: int, runs: 
     pq.write_table(table, buffer, compression="zstd", use_dictionary=["series"])
     payload = buffer.getvalue()
     name = f"{split}/part-{index:06d}.parquet"
-    _write_bytes(fs, f"{staging}/{name}", payload)
+    write_bytes(fs, f"{staging}/{name}", payload)
     return {"path": name, "split": split, "rows": table.num_rows,
             "points": sum(map(len, payloads)) // (4 * features), "bytes": len(payload),
             "sha256": hashlib.sha256(payload).hexdigest()}

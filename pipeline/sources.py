@@ -3,9 +3,11 @@ sorted list of source files. Nothing here reads file contents."""
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import sysconfig
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -30,6 +32,15 @@ def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(location)
     except (pafs.ArrowInvalid, ValueError, OSError) as err:  # unknown scheme, bad bucket, ...
         raise CorpusError(f"cannot open {location}: {err}") from None
+
+
+def join_location(location: str, name: str) -> str:
+    """`name` inside the folder `location`: a local path, or a URI whose query (endpoint_override=...)
+    stays at the end."""
+    if "://" not in location:
+        return os.path.join(location, name)
+    parts = urlsplit(location)
+    return urlunsplit(parts._replace(path=posixpath.join(parts.path, name)))
 
 
 def default_corpus_root() -> str:

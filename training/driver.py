@@ -6,6 +6,9 @@ TorchTrainer with N data-parallel workers, and write the run folder:
   RUN_DIR/loss.png          training and validation loss over steps
   RUN_DIR/run.json          the options of the run, for --resume
   RUN_DIR/ray/              Ray Train's checkpoints (model, optimizer, scheduler, step, data position)
+
+RUN_DIR is a local path or a pyarrow.fs URI (run_folder.py); a run on several nodes needs one that
+every node reaches.
 """
 from __future__ import annotations
 
@@ -19,9 +22,10 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import prepare
-from pipeline.prepare import MANIFEST
+from pipeline.publish import MANIFEST
 from training.config import TrainConfig, TrainingError
 from training.plot import plot_losses
+from training.run_folder import CHECKPOINTS, METRICS, RunFolder
 from training.tasks import SERIES_DEFAULTS, TASKS
 from training.worker import TRAINER_STATE, train_loop_per_worker
 
@@ -35,23 +39,18 @@ def is_prepared(data: list[str]) -> bool:
     return len(data) == 1 and ("://" in data[0] or (Path(data[0]) / MANIFEST).exists())
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step under RUN_DIR/ray, if any finished writing."""
-    found = [p.parent for p in (run_dir / "ray").glob(f"checkpoint-*/{TRAINER_STATE}")]
-    return max(found, key=lambda p: json.loads((p / TRAINER_STATE).read_text())["step"], default=None)
-
-
 def train(data: list[str], out: str, options: dict, resume: bool = False,
           log: Callable[[str], None] = print, before_ray: Callable[[], None] = lambda: None) -> dict:
     """Train with `options` (TrainConfig fields; the rest keep their defaults) and return a summary:
     steps, best validation loss, where the model is. With `resume`, the run in `out` continues
     with its saved options, of which only RESUMABLE ones may be changed."""
-    run_dir = Path(out).resolve()
-    checkpoint = latest_checkpoint(run_dir)
+    run_dir = RunFolder(out)
+    checkpoint = run_dir.latest_checkpoint_step(TRAINER_STATE)
+    saved_text = run_dir.read_text(RUN_FILE)
     if resume:
-        if not (run_dir / RUN_FILE).exists():
+        if saved_text is None:
             raise TrainingError(f"--resume: {out} holds no run to resume (no {RUN_FILE})")
-        saved = json.loads((run_dir / RUN_FILE).read_text())
+        saved = json.loads(saved_text)
         fixed = sorted(k for k, v in options.items() if k not in RESUMABLE and v != saved["train"].get(k))
         if fixed:
             raise TrainingError(f"--resume cannot change {', '.join(fixed)}; the run keeps its model and data")
@@ -59,7 +58,7 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
             log(f"--resume: {out} has no checkpoint yet; starting from step 0")
         options = {**saved["train"], **options}
         data = saved["data"]
-    elif checkpoint is not None or (run_dir / RUN_FILE).exists():
+    elif checkpoint is not None or saved_text is not None:
         raise TrainingError(f"{out} already holds a run; use --resume to continue it or choose another --out")
     else:
         options = {**(SERIES_DEFAULTS if options.get("task") == "series" else {}), **options}
@@ -74,11 +73,10 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
     elif task.name == "series":
         raise TrainingError(f"--task series needs a dataset prepared by charrnn prepare-series; {data[0]} is not one")
     else:
-        log(f"preparing {' '.join(data)} into {run_dir / 'data'}")
-        prepare(data, str(run_dir / "data"), log=log, before_ray=before_ray)
-        dataset = task.open(str(run_dir / "data"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_FILE).write_text(json.dumps({"data": [dataset.location], "train": config.to_json()}, indent=1))
+        log(f"preparing {' '.join(data)} into {run_dir.uri('data')}")
+        prepare(data, run_dir.uri("data"), log=log, before_ray=before_ray)
+        dataset = task.open(run_dir.uri("data"))
+    run_dir.write_text(RUN_FILE, json.dumps({"data": [dataset.location], "train": config.to_json()}, indent=1))
 
     job = task.job(dataset, config)
     train_points = job["train_points"]
@@ -92,7 +90,7 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
     threads = config.threads_per_worker or max(1, cpus // config.workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**job, "train": config.to_json(), "run_dir": str(run_dir), "total_steps": total_steps,
+        train_loop_config={**job, "train": config.to_json(), "run_dir": run_dir.location, "total_steps": total_steps,
                            "threads": threads},
         torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
@@ -100,7 +98,7 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
         # --resume: a run started again in the same RUN_DIR/ray resumes from Train's own record of its
         # latest checkpoint.
         run_config=ray.train.RunConfig(
-            name="ray", storage_path=str(run_dir),
+            name=CHECKPOINTS, storage_path=run_dir.location,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Train's print patch would echo each worker line a second time through its logger.
@@ -115,22 +113,24 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
     except ray.train.TrainingFailedError as err:
         raise TrainingError(f"training failed after {config.max_failures} restart(s): {_first_line(err)}") from None
     finally:
-        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", task.loss_unit)
+        metrics_text = run_dir.read_text(METRICS) or ""
+        png = plot_losses(metrics_text, task.loss_unit)
+        if png:
+            run_dir.write_bytes("loss.png", png)
     metrics = result.metrics or {}
-    diverged = _last_event(run_dir / "metrics.jsonl", "diverged")
+    diverged = _last_event(metrics_text, "diverged")
     if diverged:
         raise TrainingError(f"training diverged at step {diverged['step']} (loss {diverged['loss']}); "
                             f"the last good checkpoint and the best model are kept in {out}")
-    info = json.loads((run_dir / "model" / "config.json").read_text())["info"] if (run_dir / "model").exists() else {}
-    return {"steps": metrics.get("step"), "best_val_loss": info.get("val_loss"), "model": str(run_dir / "model"),
-            "run_dir": str(run_dir)}
+    model_config = run_dir.read_text("model/config.json")
+    info = json.loads(model_config)["info"] if model_config else {}
+    return {"steps": metrics.get("step"), "best_val_loss": info.get("val_loss"), "model": run_dir.uri("model"),
+            "run_dir": run_dir.location}
 
 
-def _last_event(metrics_path: Path, event: str) -> dict | None:
+def _last_event(metrics_text: str, event: str) -> dict | None:
     """The last record of the run if it is this event."""
-    if not metrics_path.exists():
-        return None
-    lines = metrics_path.read_text().splitlines()
+    lines = metrics_text.splitlines()
     last = json.loads(lines[-1]) if lines else {}
     return last if last.get("event") == event else None
 

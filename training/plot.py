@@ -1,23 +1,23 @@
-"""RUN_DIR/loss.png from RUN_DIR/metrics.jsonl."""
+"""RUN_DIR/loss.png from RUN_DIR/metrics.jsonl, and `charrnn forecast --plot`'s figure."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 
-def plot_losses(metrics_path: Path, png_path: Path, unit: str = "nats per character") -> None:
-    if not metrics_path.exists():
-        return
+def plot_losses(metrics_text: str, unit: str = "nats per character") -> bytes | None:
+    """loss.png's bytes from metrics.jsonl's text; None before the first training step."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a training node
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in metrics_text.splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and r.get("event") is None]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train:
-        return
+        return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(*zip(*train), label="training loss", linewidth=0.8)
     if val:
@@ -26,10 +26,10 @@ def plot_losses(metrics_path: Path, png_path: Path, unit: str = "nats per charac
     ax.set_ylabel(f"loss ({unit})")
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(png_path)
+    return png.getvalue()
 
 
 def plot_forecast(png_path: Path, columns: list[str], history, forecast, truth=None) -> None:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from training.config import TrainConfig
 from training.step import evaluate, make_optimizer, train_step
+from training.run_folder import MetricsLog, RunFolder
 from training.tasks import TASKS
 from training.windows import EpochStream, windows
 
@@ -44,7 +45,7 @@ def runs_of(dataset, rank: int, world: int, task):
 def train_loop_per_worker(job: dict) -> None:
     config = TrainConfig.from_json(job["train"])
     task = TASKS[job["task"]](job)
-    run_dir = Path(job["run_dir"])
+    run_dir = RunFolder(job["run_dir"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(job["threads"])
@@ -59,9 +60,10 @@ def train_loop_per_worker(job: dict) -> None:
         with checkpoint.as_directory() as folder:
             position = _restore(folder, task, model, optimizer, scheduler)
         _log(rank, f"resumed from step {position['step']} (epoch {position['epoch']})")
-        if rank == 0:
-            _truncate_metrics(run_dir, position["step"])
-            _append_metrics(run_dir, {"event": "resumed", "step": position["step"]})
+    metrics_log = MetricsLog(run_dir) if rank == 0 else None
+    if checkpoint and rank == 0:
+        metrics_log.truncate(position["step"])
+        metrics_log.append({"event": "resumed", "step": position["step"]})
     torch.manual_seed(config.seed + 1000 * (rank + 1) + position["step"])  # dropout masks differ per rank
     ddp_model = ray.train.torch.prepare_model(model)
     module = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
@@ -89,7 +91,8 @@ def train_loop_per_worker(job: dict) -> None:
         if diverged:
             _log(rank, f"step {step}: loss {loss_value:.4g}, stopping: the training diverged")
             if rank == 0:  # the driver reads it there: Train's result holds only checkpointed reports
-                _append_metrics(run_dir, {"event": "diverged", "step": step, "loss": _json_number(loss_value)})
+                metrics_log.append({"event": "diverged", "step": step, "loss": _json_number(loss_value)})
+                metrics_log.flush()
             return
         record = {"step": step, "epoch": round(step * points_per_step / job["train_points"], 4),
                   "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
@@ -103,9 +106,10 @@ def train_loop_per_worker(job: dict) -> None:
             if val_loss < best:
                 best = val_loss
                 if rank == 0:
-                    task.save(module, run_dir / "model", info={"step": step, **task.val_metrics(val_loss)})
+                    info = {"step": step, **task.val_metrics(val_loss)}
+                    run_dir.save_folder("model", lambda path: task.save(module, path, info=info))
         if rank == 0:
-            _append_metrics(run_dir, record)
+            metrics_log.append(record)
             if step % config.log_every == 0 or "val_loss" in record:
                 eta = (job["total_steps"] - step) * train_seconds / steps_this_session
                 if deadline is not None:
@@ -113,7 +117,10 @@ def train_loop_per_worker(job: dict) -> None:
                 val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
                 _log(rank, f"step {step}/{job['total_steps']} loss {loss_value:.4f}{val} "
                            f"{per_s:,.0f} {task.unit}/s ETA {eta / 60:.1f} min")
-        if step % config.checkpoint_every == 0 or done:
+        checkpointing = step % config.checkpoint_every == 0 or done
+        if rank == 0 and (checkpointing or "val_loss" in record):
+            metrics_log.flush()
+        if checkpointing:
             position = {"step": step, "epoch": stream.epoch, "taken": stream.taken, "best_val_loss": best}
             _report_with_checkpoint(rank, record, module, task, optimizer, scheduler, position)
         if done:
@@ -180,19 +187,6 @@ def _restore(folder: str, task, model, optimizer, scheduler) -> dict:
 
 def _json_number(value: float):
     return value if math.isfinite(value) else None
-
-
-def _append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop the records of steps after the checkpoint we resume from: they will be run again."""
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        kept = [l for l in path.read_text().splitlines() if json.loads(l).get("step", 0) <= step]
-        path.write_text("".join(l + "\n" for l in kept))
 
 
 def _log(rank: int, message: str) -> None:
