@@ -8,7 +8,9 @@ import torch
 from models import Normalization, forecast, load_series_model
 from pipeline import CorpusError, PreparedSeries, SeriesOptions, prepare_series
 from training.config import TrainingError
-from training.driver import latest_checkpoint, train
+from training.driver import train
+from training.run_folder import RunFolder
+from training.worker import TRAINER_STATE
 from training.tasks import SeriesTask
 
 QUIET = {"log_every": 100}
@@ -80,8 +82,8 @@ def test_series_run_keeps_the_lessons_options_and_checkpoints_what_resume_reads(
     run_dir, _ = sine_run
     run = json.loads((run_dir / "run.json").read_text())["train"]
     assert (run["task"], run["cell"], run["hidden"], run["lr"], run["seq"]) == ("series", "rnn", 32, 0.01, 20)
-    checkpoint = latest_checkpoint(run_dir)
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 800
+    assert RunFolder(str(run_dir)).latest_checkpoint_step(TRAINER_STATE) == 800
+    checkpoint = run_dir / "ray" / "checkpoint-000000800"
     job = {"model": load_series_model(checkpoint / "model")[1].to_json(),
            "series": load_series_model(checkpoint / "model")[2]}
     task = SeriesTask(job)

@@ -21,6 +21,8 @@ METRICS = "metrics.jsonl"
 
 
 class RunFolder:
+    """A run folder by its location; `path` is the location inside `fs`."""
+
     def __init__(self, location: str):
         self.fs, self.path = resolve_filesystem(location)
         self.location = location if "://" in location else self.path
@@ -32,9 +34,6 @@ class RunFolder:
 
     def path_of(self, name: str) -> str:
         return posixpath.join(self.path, name)
-
-    def exists(self, name: str = "") -> bool:
-        return self.fs.get_file_info(self.path_of(name) if name else self.path).type != pafs.FileType.NotFound
 
     def read_text(self, name: str) -> str | None:
         """The file's text, or None if there is no such file."""
