@@ -34,21 +34,18 @@ def _read(fs, path: str) -> str:
         return f.read().decode()
 
 
-def test_prepare_train_resume_and_load_from_s3(bucket, tmp_path):
+def test_train_resume_and_load_from_s3(bucket, tmp_path):
     uri, fs = bucket
     write_story_corpus(tmp_path / "story.txt", 40_000)
 
-    prepared = run_cli("prepare", tmp_path / "story.txt", "--out", uri("data"), "--run-length", "1500",
-                       "--num-cpus", "2")
-    assert prepared.returncode == 0, prepared.stderr
-    assert run_cli("verify", uri("data")).returncode == 0
-
-    first = run_cli("train", "--data", uri("data"), "--out", uri("run"), "--max-steps", "30", *TINY)
+    # Raw text: train prepares it into RUN_DIR/data, on the store too.
+    first = run_cli("train", "--data", tmp_path / "story.txt", "--out", uri("run"), "--max-steps", "30", *TINY)
     assert first.returncode == 0, first.stderr
     assert f"model in {uri('run/model')}" in first.stdout
+    assert run_cli("verify", uri("run/data")).returncode == 0
     steps = [json.loads(l).get("step") for l in _read(fs, "charrnn/run/metrics.jsonl").splitlines()]
     assert steps == list(range(1, 31))
-    assert json.loads(_read(fs, "charrnn/run/run.json"))["data"] == [uri("data")]
+    assert json.loads(_read(fs, "charrnn/run/run.json"))["data"] == [uri("run/data")]
     assert _read(fs, "charrnn/run/model/config.json")
     with fs.open_input_stream("charrnn/run/loss.png") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
