@@ -44,6 +44,46 @@ def decode_range(data: bytes, errors: str) -> DecodedRange:
     return DecodedRange(np.frombuffer(text.encode("utf-32-le"), "<u4"), replaced, -1, False)
 
 
+@dataclass(frozen=True)
+class RangeCount:
+    codepoints: np.ndarray  # distinct code points, int64, sorted
+    counts: np.ndarray  # how often each occurs, int64
+    chars: int
+    replaced: int
+    bad_offset: int
+    has_nul: bool
+
+
+def count_range(data: bytes, errors: str) -> RangeCount:
+    """What count_codepoints(decode_range(data).codepoints) counts, and the decoding's findings. Pure
+    ASCII is counted on the raw bytes, without building the normalized text: a CR LF pair counts
+    as one LF, a lone CR as LF."""
+    if data.isascii() and b"\x00" not in data:
+        counts = _byte_counts(data)
+        pairs = data.count(b"\r\n") if counts[13] else 0
+        counts[10] += counts[13] - pairs
+        counts[13] = 0
+        present = np.flatnonzero(counts)
+        return RangeCount(present.astype(np.int64), counts[present].astype(np.int64), len(data) - pairs, 0, -1, False)
+    decoded = decode_range(data, errors)
+    values, counts = count_codepoints(decoded.codepoints)
+    return RangeCount(values, counts, int(decoded.codepoints.size), decoded.replaced, decoded.bad_offset,
+                      decoded.has_nul)
+
+
+def _byte_counts(data: bytes) -> np.ndarray:
+    """How often each byte value occurs (256 counts). np.bincount widens every element to 8 bytes
+    first; counting byte pairs (as uint16) halves that work, 2.4x faster, and pair counts fold back
+    into byte counts: each pair holds one byte in its low half and one in its high half."""
+    array = np.frombuffer(data, np.uint8)
+    even = len(array) & ~1
+    pairs = np.bincount(array[:even].view(np.uint16), minlength=1 << 16).reshape(256, 256)
+    counts = pairs.sum(axis=0) + pairs.sum(axis=1)
+    if even < len(array):
+        counts[array[-1]] += 1
+    return counts
+
+
 def count_codepoints(codepoints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distinct code points, their counts), both int64, sorted by code point."""
     if codepoints.size == 0:

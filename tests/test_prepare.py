@@ -13,7 +13,7 @@ from pipeline import CorpusError, PreparedDataset, PrepareOptions, prepare
 from pipeline.dataset import token_runs
 from pipeline.sources import expand_inputs
 from pipeline.text_ranges import TextRangeDatasource, snap_cut
-from pipeline.vocab import normalize_newlines
+from pipeline.vocab import count_codepoints, count_range, decode_range, normalize_newlines
 
 QUIET = dict(log=lambda msg: None)
 
@@ -69,6 +69,16 @@ def test_round_trip_random_unicode_over_many_ranges(ray_local, tmp_path_factory,
         expected = normalized(root / name)
         assert rebuilt.get(f"{root}/{name}", "") == expected
         assert dataset.decode(dataset.encode(expected)) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=64).map(lambda b: bytes(x % 128 for x in b)) | st.text(alphabet="ab\r\n\u00e9").map(str.encode))
+def test_fast_ascii_count_equals_counting_the_decoded_text(data):
+    """Pass 1 counts ASCII ranges on the raw bytes; it must count what pass 2 encodes."""
+    counted, decoded = count_range(data, "strict"), decode_range(data, "strict")
+    values, counts = count_codepoints(decoded.codepoints)
+    assert counted.codepoints.tolist() == values.tolist() and counted.counts.tolist() == counts.tolist()
+    assert (counted.chars, counted.has_nul) == (decoded.codepoints.size, decoded.has_nul)
 
 
 def test_multi_file_multi_folder_corpus_with_globs(ray_local, tmp_path):
