@@ -16,6 +16,7 @@ from a fixed vocabulary with a seeded RNG, lines ending in LF or (1 in 20) CRLF,
 
   python bench/ingest.py                 # the full run (about 10 minutes on 2 cores)
   python bench/ingest.py --quick         # a smoke run on small corpora
+  python bench/ingest.py --range-sweep 4,8,32   # also time the in-process prepare at these --range-mb
 """
 from __future__ import annotations
 
@@ -295,7 +296,9 @@ def classic_encode(corpus: dict, limit_mb: float, interval: float) -> dict:
 
 
 def inprocess_prepare(corpus: dict, warmup: dict, out: Path, num_cpus: int, interval: float,
-                      settle=lambda: None) -> dict:
+                      settle=lambda: None, range_sweep: tuple[float, ...] = ()) -> dict:
+    """The timed, sampled prepare with default options; then, for each --range-mb in `range_sweep`,
+    the same prepare again, timed by the clock alone."""
     import logging
 
     import ray
@@ -318,6 +321,13 @@ def inprocess_prepare(corpus: dict, warmup: dict, out: Path, num_cpus: int, inte
         manifest = prepare([corpus["path"]], str(out), options, log=lambda msg: None)
         seconds = time.perf_counter() - t0
         sampler.stop()
+        sweep = []
+        for range_mb in range_sweep:
+            shutil.rmtree(out)
+            t0 = time.perf_counter()
+            prepare([corpus["path"]], str(out), PrepareOptions(errors="strict", range_mb=range_mb), log=lambda msg: None)
+            took = time.perf_counter() - t0
+            sweep.append({"range_mb": range_mb, "seconds": round(took, 2), "mb_per_s": round(corpus["bytes"] / MB / took, 1)})
     finally:
         ray.shutdown()
     check_manifest(manifest, corpus)
@@ -326,7 +336,7 @@ def inprocess_prepare(corpus: dict, warmup: dict, out: Path, num_cpus: int, inte
     return {"seconds": round(seconds, 2), "mb_per_s": round(corpus["bytes"] / MB / seconds, 1),
             "mb_per_cpu_s": round(corpus["bytes"] / MB / max(report["cpu_s"], 0.01), 2),
             "vocab_chars": manifest["vocab"]["chars"], "shards": len(shard_digests(manifest)),
-            "shard_sha256": shard_digests(manifest), **report}
+            "shard_sha256": shard_digests(manifest), "range_sweep": sweep, **report}
 
 
 def main() -> None:
@@ -341,6 +351,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                     help="before each timed step, wait up to S seconds for other processes to go idle (default 0)")
+    ap.add_argument("--range-sweep", default="", metavar="MB,MB,...",
+                    help="after the timed in-process prepare, time it once more at each of these --range-mb (default: none)")
     ap.add_argument("--quick", action="store_true", help="smoke run: sizes 16,128 MB, throughput 32 MB")
     args = ap.parse_args()
     if args.quick:
@@ -364,7 +376,8 @@ def main() -> None:
         settle("classic encode")
         classic = classic_encode(corpus, args.classic_mb, args.sample_s)
         inproc = inprocess_prepare(corpus, warmup, tmp / "out", args.num_cpus, args.sample_s,
-                                   lambda: settle("pipeline.prepare in-process"))
+                                   lambda: settle("pipeline.prepare in-process"),
+                                   tuple(float(r) for r in args.range_sweep.split(",") if r))
         settle("charrnn prepare (CLI)")
         cli = cli_prepare(corpus, tmp / "out", args.num_cpus, args.sample_s)
         shutil.rmtree(corpus["path"])
