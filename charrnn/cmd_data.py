@@ -29,7 +29,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of runs held out for validation (default 0.1)")
     p.add_argument("--run-length", type=int, default=16384,
                    help="tokens per run, the stretch of text a trainer walks with carried state (default 16384)")
-    p.add_argument("--range-mb", type=float, default=16.0, help="MiB of a file one read task holds (default 16)")
+    p.add_argument("--range-mb", type=float, default=32.0, help="MiB of a file one read task holds (default 32)")
     p.add_argument("--errors", choices=["strict", "replace"], default=None,
                    help="invalid UTF-8: fail naming file and byte (strict, the default for INPUTs) or substitute "
                         "U+FFFD and count them (replace, the default for the built-in corpus)")

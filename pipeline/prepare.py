@@ -44,9 +44,9 @@ class PrepareOptions:
     max_vocab: Optional[int] = None
     val_fraction: float = 0.1
     run_length: int = 16384  # tokens per row: the longest stretch a trainer can carry state over
-    # MiB one read task holds. Bounded, whatever the file's size; 16 rather than 4 because Ray Data's
-    # cost per task is fixed: 500 MB prepare at 35-36 MB/s with 4 or 8 MiB, 42-45 with 16, 47 with 32.
-    range_mb: float = 16.0
+    # MiB one read task holds: bounded, whatever the file's size. Ray Data's cost per task is fixed, so
+    # fewer, larger tasks go faster: 500 MB in 13.3 s at 4 MiB, 10.7 at 8, 8.5 at 32 (BENCHMARKS.md).
+    range_mb: float = 32.0
     errors: str = "strict"  # or "replace": invalid UTF-8 becomes U+FFFD
 
     def check(self) -> None:
