@@ -1,7 +1,6 @@
 """Datasets and run folders on an S3-compatible object store: moto's S3 server on loopback, reached
 through pyarrow.fs URIs (endpoint_override), as a cluster's nodes reach a bucket."""
 import json
-import os
 
 import pyarrow.fs as pafs
 import pytest
@@ -18,14 +17,16 @@ TINY = ["--cell", "lstm", "--layers", "1", "--hidden", "32", "--dropout", "0", "
 @pytest.fixture(scope="module")
 def bucket():
     """A URI maker for one bucket on a fresh S3 server, and the pyarrow filesystem to inspect it."""
-    os.environ.update(CREDENTIALS)  # for this process; the CLI's processes inherit them
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     query = f"?endpoint_override={host}:{port}&scheme=http"
-    fs, _ = pafs.FileSystem.from_uri(f"s3://charrnn{query}&allow_bucket_creation=true")
-    fs.create_dir("charrnn")
-    yield (lambda key: f"s3://charrnn/{key}{query}"), fs
+    with pytest.MonkeyPatch.context() as env:  # for this process; the CLI's processes inherit them
+        for name, value in CREDENTIALS.items():
+            env.setenv(name, value)
+        fs, _ = pafs.FileSystem.from_uri(f"s3://charrnn{query}&allow_bucket_creation=true")
+        fs.create_dir("charrnn")
+        yield (lambda key: f"s3://charrnn/{key}{query}"), fs
     server.stop()
 
 
