@@ -170,10 +170,33 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": round(float(np.percentile(values, 50)), 3), "p99": round(float(np.percentile(values, 99)), 3)}
 
 
-def decoder_counts(url: str) -> tuple[int, int]:
-    """(batched steps, characters) the replica that answers has decoded so far."""
+def decoder_counts(url: str) -> tuple[int, int, float]:
+    """(batched steps, characters, seconds in steps) the replica that answers has decoded so far."""
     decoder = requests.get(f"{url}/v1/stats", timeout=30).json()["decoder"]
-    return decoder["steps"], decoder["chars"]
+    return decoder["steps"], decoder["chars"], decoder["mean_step_ms"] * decoder["steps"] / 1e3
+
+
+def network_step_ms(model: CharRNN, rows: int, threads: int, repeats: int = 200) -> dict:
+    """Milliseconds of one network step for `rows` sequences on an otherwise idle process: through
+    nn.LSTM's sequence path (`model(ids[:, None])`) and through `model.step`, which the decoder uses."""
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    ids = torch.randint(model.config.vocab_size, (rows,), generator=torch.Generator().manual_seed(0))
+    state = model.init_state(rows)
+    ways = {"sequence_path_ms": lambda: model(ids[:, None], state), "step_ms": lambda: model.step(ids, state)}
+    out = {}
+    try:
+        with torch.inference_mode():
+            for name, way in ways.items():
+                for _ in range(10):
+                    way()
+                t = time.perf_counter()
+                for _ in range(repeats):
+                    way()
+                out[name] = round(1e3 * (time.perf_counter() - t) / repeats, 2)
+    finally:
+        torch.set_num_threads(saved_threads)
+    return {"rows": rows, "torch_threads": threads, **out}
 
 
 # ---------------------------------------------------------------------------------------- the classic loop
@@ -276,8 +299,10 @@ def main() -> None:
                 before = decoder_counts(url)
                 rounds = max(args.min_rounds, math.ceil(args.min_requests / clients))
                 level = run_level(url, clients, rounds, args.chars, next_seed)
-                steps, chars = (after - then for then, after in zip(before, decoder_counts(url)))
+                steps, chars, busy = (after - then for then, after in zip(before, decoder_counts(url)))
                 level["decoder_mean_batch"] = round(chars / max(steps, 1), 1)
+                level["decoder_mean_step_ms"] = round(1e3 * busy / max(steps, 1), 2)
+                level["decoder_busy_fraction"] = round(busy / level["wall_s"], 2)
                 results.append(level)
                 next_seed += clients * rounds
         finally:
@@ -290,6 +315,7 @@ def main() -> None:
     classic_runs = {str(n): [round(classic_rate(classic, net, table, args.chars, n, args.seed + r), 1)
                              for r in range(args.classic_repeats)] for n in thread_counts}
     classic_best = max(max(runs) for runs in classic_runs.values())
+    network_step = network_step_ms(model.eval(), max(levels), stats["threads"])
     for level in results:
         level["ratio_vs_classic"] = round(level["chars_per_s"] / classic_best, 2)
     errors = sum(level["errors"] for level in results)
@@ -310,6 +336,7 @@ def main() -> None:
                     "sample_chars": args.chars, "max_logit_difference_vs_model": logit_difference,
                     "weights": "the served model's, converted to the baseline's one-hot CharRNN"},
         "levels": results,
+        "network_step": network_step,
         "ratio_64_vs_classic": at_64["ratio_vs_classic"] if at_64 else None,
         "errors": errors,
         "target_met": bool(at_64 and at_64["ratio_vs_classic"] >= 20 and errors == 0),
@@ -317,7 +344,11 @@ def main() -> None:
                   "ttfc_ms: request sent -> first streamed chunk (sent with the first character)",
                   "classic chars_per_s: the best run at the replica's torch threads or torch's default, "
                   "timed as notebook_charrnn.py times it (priming with 'The' included)",
-                  "decoder_mean_batch: rows per batched step during the level, from /v1/stats"],
+                  "decoder_mean_batch, decoder_mean_step_ms: rows per batched step and milliseconds per step "
+                  "(sampling included) during the level, from /v1/stats; decoder_busy_fraction: the replica's "
+                  "step thread's time in steps / the level's wall time",
+                  "network_step: one network step for as many rows as the largest level, in this process "
+                  "after the server stopped, through nn.LSTM's sequence path and through model.step"],
         "total_wall_s": round(time.perf_counter() - started, 1),
     }, indent=1))
 

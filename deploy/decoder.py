@@ -335,14 +335,13 @@ class Decoder:
         """One step of the network for `ids` [batch], padded to `min_step_batch` rows."""
         batch = ids.shape[0]
         pad = self.min_step_batch - batch
-        x = ids.view(batch, 1)
         if pad > 0:
-            x = torch.cat([x, x.new_zeros(pad, 1)])
+            ids = torch.cat([ids, ids.new_zeros(pad)])
             state = _state_map(lambda s: torch.cat([s, s.new_zeros(s.shape[0], pad, s.shape[2])], dim=1), state)
-        logits, state = self.model(x, state)
+        logits, state = self.model.step(ids, state)
         if pad > 0:
             state = _state_map(lambda s: s[:, :batch].contiguous(), state)
-        return logits[:batch, -1], state
+        return logits[:batch], state
 
     @staticmethod
     @torch.inference_mode()
@@ -352,13 +351,13 @@ class Decoder:
         device = model.head.weight.device
         g = torch.Generator().manual_seed(0)
         cfg = model.config
-        x = torch.randint(cfg.vocab_size, (max_batch, 1), generator=g).to(device)
+        x = torch.randint(cfg.vocab_size, (max_batch,), generator=g).to(device)
         state = model.init_state(max_batch)
         state = _state_map(lambda s: (torch.randn(s.shape, generator=g) * 0.5).to(s), state)
-        want_logits, want_state = model(x, state)
+        want_logits, want_state = model.step(x, state)
         for m in range(max_batch - 1, 0, -1):
             rows = slice(max_batch - m, max_batch)  # the tail: rows move forward as others leave
-            logits, got = model(x[rows], _state_map(lambda s: s[:, rows].contiguous(), state))
+            logits, got = model.step(x[rows], _state_map(lambda s: s[:, rows].contiguous(), state))
             same = _state_map(lambda a, b: torch.equal(a, b[:, rows]), got, want_state)
             if not (torch.equal(logits, want_logits[rows]) and all(same if isinstance(same, tuple) else [same])):
                 return m + 1

@@ -15,7 +15,7 @@ from .sampling import sample_next
 def generate(model: CharRNN, prime: list[int], length: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float = 1.0, seed: int | None = None) -> list[int]:
     """`length` ids sampled after `prime`. The whole prime goes through the network in one forward
-    pass; then one step per id. The same seed gives the same ids."""
+    pass; then one `model.step` per id. The same seed gives the same ids."""
     if not prime:
         raise ValueError("the prime must hold at least one token")
     model.eval()
@@ -23,11 +23,11 @@ def generate(model: CharRNN, prime: list[int], length: int, temperature: float =
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     logits, state = model(torch.tensor([prime], device=device))
-    out = []
+    logits, out = logits[:, -1], []
     for _ in range(length):
-        token = sample_next(logits[:, -1], temperature, top_k, top_p, generator=generator)
+        token = sample_next(logits, temperature, top_k, top_p, generator=generator)
         out.append(int(token))
-        logits, state = model(token.view(1, 1), state)
+        logits, state = model.step(token, state)
     return out
 
 

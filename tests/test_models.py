@@ -74,6 +74,26 @@ def test_forward_shapes_and_carried_state(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_step_is_forward_on_one_time_step(cell):
+    model, _ = tiny(cell, layers=3)
+    x = ids(batch=4, time=6)
+    with torch.no_grad():
+        _, carried = model(x[:, :5])
+        for state in (carried, None):
+            want, want_state = model(x[:, 5:], state)
+            got, got_state = model.step(x[:, 5], state)
+            torch.testing.assert_close(got, want[:, 0])
+            torch.testing.assert_close(got_state, want_state)
+        # training: dropout between layers, as nn.LSTM applies it, so the first layer's state is
+        # untouched and the layers above it are not
+        _, eval_state = model.step(x[:, 5], carried)
+        _, train_state = model.train().step(x[:, 5], carried)
+    for ours, evaluated in zip(*[s if isinstance(s, tuple) else (s,) for s in (train_state, eval_state)]):
+        torch.testing.assert_close(ours[0], evaluated[0])
+        assert not torch.allclose(ours[1:], evaluated[1:])
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_reset_state_rows_restarts_only_the_chosen_rows(cell):
     model, _ = tiny(cell)
     x = ids(batch=3, time=10)
