@@ -170,10 +170,12 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": round(float(np.percentile(values, 50)), 3), "p99": round(float(np.percentile(values, 99)), 3)}
 
 
-def decoder_counts(url: str) -> tuple[int, int, float]:
-    """(batched steps, characters, seconds in steps) the replica that answers has decoded so far."""
+def decoder_counts(url: str) -> tuple[int, int, float, float]:
+    """(batched steps, characters, seconds in steps, of which on a core) the replica that answers
+    has decoded so far."""
     decoder = requests.get(f"{url}/v1/stats", timeout=30).json()["decoder"]
-    return decoder["steps"], decoder["chars"], decoder["mean_step_ms"] * decoder["steps"] / 1e3
+    steps = decoder["steps"]
+    return steps, decoder["chars"], decoder["mean_step_ms"] * steps / 1e3, decoder["mean_step_cpu_ms"] * steps / 1e3
 
 
 def network_step_ms(model: CharRNN, rows: int, threads: int, repeats: int = 200) -> dict:
@@ -299,9 +301,10 @@ def main() -> None:
                 before = decoder_counts(url)
                 rounds = max(args.min_rounds, math.ceil(args.min_requests / clients))
                 level = run_level(url, clients, rounds, args.chars, next_seed)
-                steps, chars, busy = (after - then for then, after in zip(before, decoder_counts(url)))
+                steps, chars, busy, on_core = (after - then for then, after in zip(before, decoder_counts(url)))
                 level["decoder_mean_batch"] = round(chars / max(steps, 1), 1)
                 level["decoder_mean_step_ms"] = round(1e3 * busy / max(steps, 1), 2)
+                level["decoder_mean_step_cpu_ms"] = round(1e3 * on_core / max(steps, 1), 2)
                 level["decoder_busy_fraction"] = round(busy / level["wall_s"], 2)
                 results.append(level)
                 next_seed += clients * rounds
@@ -345,8 +348,9 @@ def main() -> None:
                   "classic chars_per_s: the best run at the replica's torch threads or torch's default, "
                   "timed as notebook_charrnn.py times it (priming with 'The' included)",
                   "decoder_mean_batch, decoder_mean_step_ms: rows per batched step and milliseconds per step "
-                  "(sampling included) during the level, from /v1/stats; decoder_busy_fraction: the replica's "
-                  "step thread's time in steps / the level's wall time",
+                  "(sampling included) during the level, from /v1/stats; decoder_mean_step_cpu_ms: of that, the "
+                  "step thread's CPU time (the rest it waited for a core or the GIL); decoder_busy_fraction: "
+                  "the step thread's time in steps / the level's wall time",
                   "network_step: one network step for as many rows as the largest level, in this process "
                   "after the server stopped, through nn.LSTM's sequence path and through model.step"],
         "total_wall_s": round(time.perf_counter() - started, 1),

@@ -22,7 +22,13 @@ def _per_row(value, name: str, batch: int, device: torch.device, dtype: torch.dt
     return row
 
 
-def _uniforms(generator, batch: int, device: torch.device) -> torch.Tensor:
+def _uniforms(generator, uniforms, batch: int, device: torch.device) -> torch.Tensor:
+    if uniforms is not None:
+        if generator is not None:
+            raise ValueError("pass a generator or uniforms, not both")
+        if not isinstance(uniforms, torch.Tensor) or uniforms.shape != (batch,):
+            raise ValueError(f"uniforms must be a tensor of {batch} draws (one per row)")
+        return uniforms.to(device, torch.float32)
     if generator is None or isinstance(generator, torch.Generator):
         gen_device = device if generator is None else generator.device
         return torch.rand(batch, generator=generator, device=gen_device).to(device)
@@ -32,14 +38,17 @@ def _uniforms(generator, batch: int, device: torch.device) -> torch.Tensor:
 
 
 def sample_next(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=1.0,
-                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+                generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """logits [batch, vocab] -> sampled ids [batch] (int64).
 
     `temperature`, `top_k` and `top_p` are each a scalar or one value per row (a tensor [batch]).
     temperature 0 picks the most likely token; top_k None or 0 keeps every token; top_p 1.0 keeps
     the whole distribution, otherwise the most likely tokens whose mass first reaches top_p (of
     what top-k kept).
-    `generator`: None (torch's global one), one torch.Generator for the batch, or one per row."""
+    `generator`: None (torch's global one), one torch.Generator for the batch, or one per row.
+    `uniforms`: instead of a generator, the draws themselves, one in [0, 1) per row, for a caller
+    that draws them ahead (deploy's decoder: a block per row at a time, not one call per row and step)."""
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
     batch, vocab = logits.shape
@@ -53,7 +62,7 @@ def sample_next(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=1.0,
         raise ValueError("top_k must be >= 0 (0: no top-k)")
     if not bool(((top_p > 0) & (top_p <= 1)).all()):  # NaN fails too
         raise ValueError("top_p must be in (0, 1]")
-    u = _uniforms(generator, batch, device)  # drawn for greedy rows too, so every row advances alike
+    u = _uniforms(generator, uniforms, batch, device)  # drawn for greedy rows too, so every row advances alike
 
     logits = logits.float()
     greedy = temperature == 0

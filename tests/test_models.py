@@ -257,6 +257,11 @@ def test_sample_next_is_deterministic_and_rows_are_independent():
                            torch.tensor([0.5, 0.9, 1.0]), g)[1].item() for _ in range(20)]
     assert alone == batched == [step[2] for step in runs[0]]
 
+    # Draws taken ahead, a block per row (as deploy's decoder does), are the generators' draws.
+    blocks = torch.stack([torch.rand(20, generator=g) for g in gens(1, 2, 3, 4)], dim=1)
+    ahead = [sample_next(logits, temperature, top_k, top_p, uniforms=u).tolist() for u in blocks]
+    assert ahead == runs[0]
+
 
 def test_greedy_cases_equal_argmax():
     logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))
@@ -298,6 +303,8 @@ def test_sampling_follows_the_filtered_distribution():
     ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ({"top_p": torch.tensor([0.5, 0.5])}, r"top_p must be a scalar or have one value per row \(3\)"),
     ({"generator": gens(1, 2)}, "a list of 3 \\(one per row\\)"),
+    ({"uniforms": torch.rand(2)}, "uniforms must be a tensor of 3 draws"),
+    ({"uniforms": torch.rand(3), "generator": gens(1, 2, 3)}, "a generator or uniforms, not both"),
 ])
 def test_sample_next_rejects_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
