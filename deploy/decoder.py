@@ -71,8 +71,7 @@ class Sequence:
     def next_uniform(self) -> float:
         """The next draw of this sequence's generator. Drawn UNIFORM_BLOCK at a time: one torch call
         per block, where one per step cost 64 calls a step at 64 rows (a fifth of sampling's time).
-        On the CPU a block holds exactly the draws that one call per draw would give, so the text
-        is the one `models.generate` samples with the same seed."""
+        On the CPU a block holds exactly the draws that one call per draw would give."""
         if not self._uniforms:
             self._uniforms = torch.rand(UNIFORM_BLOCK, generator=self.generator,
                                         device=self.generator.device).tolist()[::-1]
@@ -88,11 +87,11 @@ class Sequence:
         its first ones, already in, lie in the held-back tail, so no reader sees any of them."""
         if self._tail_len:
             self._tail = (self._tail + char)[-self._tail_len:]
-            for stop in self.sampling.stop:
-                if self._tail.endswith(stop):
-                    del self.chars[len(self.chars) - (len(stop) - 1):]
-                    self.finish_reason = "stop"
-                    return True
+            ends = [len(stop) for stop in self.sampling.stop if self._tail.endswith(stop)]
+            if ends:  # of stops ending here, the longest starts first: the text ends before it
+                del self.chars[len(self.chars) - (max(ends) - 1):]
+                self.finish_reason = "stop"
+                return True
         self.chars.append(char)
         if len(self.chars) >= self.sampling.max_chars:
             self.finish_reason = "length"
@@ -138,7 +137,9 @@ class Decoder:
         # One thread steps the batch, one primes and scores: torch releases the GIL in its kernels.
         self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="charrnn-step")
         self._prime_pool = ThreadPoolExecutor(1, thread_name_prefix="charrnn-prime")
-        self._rows: list[Sequence] = []  # the batch; touched only on the step thread
+        # The batch. The step thread rebinds it to a new list, never changes a list in place: the
+        # event loop reads it while the next step runs; it writes it only with no step in flight.
+        self._rows: list[Sequence] = []
         self._state = self._logits = self._params = None
         self._ready: list[Sequence] = []  # primed, waiting for a place in the batch
         self._load = 0  # sequences submitted and not finished, plus scores running
@@ -147,7 +148,8 @@ class Decoder:
         self._stats = dict(steps=0, chars=0, sequences=0, prime_chars=0, scored_chars=0, max_batch_seen=0,
                            step_seconds=0.0, step_cpu_seconds=0.0)
         self._hist: dict[int, int] = {}  # batch size -> steps
-        self._window = [time.monotonic(), 0, 0, 0]  # since the last log line: start, steps, chars, max batch
+        self._window = (time.monotonic(), 0, 0)  # at the last log line: time, steps, chars
+        self._window_max = 0  # the largest batch since then (written by the step thread)
 
     # -- the caller's side (on the event loop) ------------------------------------------------------
 
@@ -187,7 +189,8 @@ class Decoder:
         return {**{k: v for k, v in self._stats.items() if k not in ("step_seconds", "step_cpu_seconds")},
                 "mean_batch": self._stats["chars"] / steps if steps else 0.0,
                 "mean_step_ms": 1e3 * self._stats["step_seconds"] / steps if steps else 0.0,
-                # of that, the step thread on a core: the rest it waited for a core or for the GIL
+                # of that, the step thread's CPU time; at one torch thread on the CPU, the rest it
+                # waited for a core or for the GIL
                 "mean_step_cpu_ms": 1e3 * self._stats["step_cpu_seconds"] / steps if steps else 0.0,
                 "batch_histogram": {str(k): v for k, v in sorted(self._hist.items())},
                 "active": len(self._rows), "waiting": self._load - len(self._rows),
@@ -223,7 +226,7 @@ class Decoder:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        running = None  # the step in flight and the sequences it joins to the batch
+        running = None  # the step in flight and the sequences it holds
         while True:
             if running is None:
                 if not self._rows and not self._ready:
@@ -232,13 +235,16 @@ class Decoder:
                     await self._wake.wait()
                     continue
                 running = self._launch(loop)
-            step, join = running
+            step, batch = running
             try:
                 finished = await step
             except Exception as err:  # a bug, never an input: fail this batch, keep serving
                 self.logger.exception("charrnn decoder: step failed; dropping the batch")
-                for seq in dict.fromkeys(self._rows + join):  # join may be in the batch already
-                    self._fail(seq, err)
+                for seq in batch:
+                    if seq.finish_reason:  # it finished sampling in the failed step: its text is whole
+                        self._finish(seq, seq.finish_reason)
+                    else:
+                        self._fail(seq, err)
                 self._rows, self._state, self._logits, self._params = [], None, None, None
                 running = None
                 continue
@@ -251,9 +257,10 @@ class Decoder:
             self._log()
 
     def _launch(self, loop) -> tuple[asyncio.Future, list[Sequence]]:
+        """Start the next step on the step thread: (its future, every sequence it holds)."""
         room = self.max_batch - len(self._rows)
         join, self._ready = self._ready[:room], self._ready[room:]
-        return loop.run_in_executor(self._step_pool, self._step, join), join
+        return loop.run_in_executor(self._step_pool, self._step, join), self._rows + join
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
@@ -287,15 +294,17 @@ class Decoder:
 
     def _log(self, idle: bool = False) -> None:
         """Every log_interval_s while decoding, and when it goes idle: the batch sizes of the steps."""
-        window = self._window
-        now = time.monotonic()
-        if window[1] == self._stats["steps"] or not idle and now - window[0] < self.log_interval_s:
+        (then, steps_then, chars_then), now = self._window, time.monotonic()
+        steps_now, chars_now = self._stats["steps"], self._stats["chars"]  # a step may end meanwhile
+        if steps_now == steps_then or not idle and now - then < self.log_interval_s:
             return
-        steps, chars = self._stats["steps"] - window[1], self._stats["chars"] - window[2]
+        steps, chars = steps_now - steps_then, chars_now - chars_then
+        top, self._window_max = self._window_max, 0
+        rows = len(self._rows)
         self.logger.info("charrnn decoder: %d steps in %.1fs, batch mean %.1f max %d, %.0f chars/s, "
-                         "active %d, waiting %d", steps, now - window[0], chars / steps, window[3],
-                         chars / (now - window[0]), len(self._rows), self._load - len(self._rows))
-        self._window = [now, self._stats["steps"], self._stats["chars"], 0]
+                         "active %d, waiting %d", steps, now - then, chars / steps, top,
+                         chars / (now - then), rows, self._load - rows)
+        self._window = (now, steps_now, chars_now)
 
     # -- torch work (on the pools' threads) -----------------------------------------------------------
 
@@ -358,7 +367,7 @@ class Decoder:
         stats["step_seconds"] += time.perf_counter() - start
         stats["step_cpu_seconds"] += time.thread_time() - cpu_start
         self._hist[len(rows)] = self._hist.get(len(rows), 0) + 1
-        self._window[3] = max(self._window[3], len(rows))
+        self._window_max = max(self._window_max, len(rows))
         return finished
 
     def _forward(self, ids: torch.Tensor, state):

@@ -113,7 +113,7 @@ class CharRNN(nn.Module):
         rows of the seed-size LSTM on one thread: 5.5-7.6 ms here, against 8-20 ms via forward)."""
         if state is None:
             state = self.init_state(ids.shape[0])
-        rnn, cell, lstm = self.rnn, CELL_STEPS[self.config.cell], isinstance(state, tuple)
+        rnn, cell, lstm = self.rnn, CELL_STEPS[self.config.cell], self.config.cell == "lstm"
         x, hs, cs = self.embedding(ids), [], []
         for layer in range(self.config.layers):
             if layer:

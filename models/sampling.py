@@ -1,8 +1,9 @@
 """Pick the next token from logits, with temperature, top-k and top-p (nucleus) filtering.
 
 Each row is drawn by inverse transform sampling from one uniform number taken from that row's
-own generator. So a row's choice depends only on its logits, its parameters and its generator:
-the same seed gives the same text whether the row is sampled alone or inside any batch."""
+own generator (or given: `uniforms`, drawn ahead from it). So a row's choice depends only on its
+logits, its parameters and its generator: the same seed gives the same text whether the row is
+sampled alone or inside any batch."""
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import REPO, free_port, run_cli, write_story_corpus
-from deploy.decoder import Decoder, Sampling
+from deploy.decoder import Decoder, Sampling, Sequence
 from models import CharRNN, ModelConfig, load_model, save_model, score
 from pipeline.vocab import Vocabulary
 
@@ -182,6 +182,16 @@ def test_decoder_stop_strings_and_streamed_chunks(run_dir):
         decoder.close()
 
 
+def test_overlapping_stop_strings_cut_before_the_earliest_start():
+    loop = asyncio.new_event_loop()
+    try:
+        seq = Sequence([1], Sampling(max_chars=10, stop=("b", "ab")), "cpu", loop, None, 0)
+        assert [seq._push(c) for c in "xab"] == [False, False, True]
+        assert seq.text == "x" and seq.finish_reason == "stop"
+    finally:
+        loop.close()
+
+
 def test_decoder_streams_the_first_character_at_once(run_dir):
     """The first chunk goes out after one step, whatever the chunk size and interval; with both out
     of reach the rest comes in one chunk at the end."""
@@ -198,27 +208,33 @@ def test_decoder_streams_the_first_character_at_once(run_dir):
 
 
 def test_decoder_survives_a_failing_step(run_dir):
-    """A bug in a step fails the sequences of that batch, frees their places and keeps decoding."""
+    """A bug in a step fails the sequences of that batch, frees their places and keeps decoding. A
+    sequence that finished sampling in that very step still gets its text."""
     model, _, vocab_json, _ = load_model(run_dir / "model")
     decoder = Decoder(model, list(Vocabulary.from_json(vocab_json).chars) + ["?"], max_batch=4)
-    forward, calls = decoder._forward, []
+    forward, widths, failed = decoder._forward, [], []
 
     def broken_once(ids, state):
-        if len(ids) == 2 and not calls:  # the first step with both sequences in the batch
-            calls.append(1)
+        widths.append(len(ids))
+        if widths[-2:] == [2, 1] and not failed:  # the step in which the short sequence finished
+            failed.append(True)
             raise RuntimeError("boom")
         return forward(ids, state)
     decoder._forward = broken_once
 
     async def go():
-        seqs = [decoder.submit([1, 2], Sampling(max_chars=300, seed=i)) for i in range(2)]
-        results = await asyncio.gather(*(s.done for s in seqs), return_exceptions=True)
-        assert [str(r) for r in results] == ["boom", "boom"] and decoder.load == 0
+        short = decoder.submit([1, 2], Sampling(max_chars=30, seed=0))
+        long = decoder.submit([1, 2], Sampling(max_chars=300, seed=1))
+        results = await asyncio.wait_for(asyncio.gather(short.done, long.done, return_exceptions=True), 30)
+        assert decoder.load == 0
         later = decoder.submit([1, 2], Sampling(max_chars=50, seed=0))
         await later.done
-        return later
+        return results, later
     try:
-        assert len(asyncio.run(go()).text) == 50
+        (short, long), later = asyncio.run(go())
+        assert str(long) == "boom" and failed
+        assert short.finish_reason == "length" and len(short.text) == 30
+        assert len(later.text) == 50
         decoder.check()
     finally:
         decoder.close()
