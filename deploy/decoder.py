@@ -2,15 +2,16 @@
 
 One background asyncio task owns the batch. Each turn it lets newly primed sequences join, then runs
 ONE batched model step for every active row and samples each row's next character with that row's
-own temperature, top-k, top-p and torch.Generator; a finished row leaves at once. A prime goes
-through the network in one forward pass, on a second thread, so a long prime never stalls the
-others' decoding. The torch work runs off the event loop, which stays free for HTTP.
+own temperature, top-k, top-p and torch.Generator; a finished row leaves at once. The next step
+starts while the event loop hands out the last one's characters. A prime goes through the network
+in one forward pass, on a second thread, so a long prime never stalls the others' decoding. The
+torch work runs off the event loop, which stays free for HTTP.
 
 Same seed, same text, whatever else is in the batch: sampling draws one uniform per row from the
-row's own generator (Sequence.next_uniform, models.sample_next), and the batched step is padded to at least
-`min_step_batch` rows, the smallest batch from which the math library gives every row bit-identical
-results whatever the batch size (measured at start-up: tiny batches take a different kernel whose
-float rounding differs, which could flip a sample).
+row's own generator (Sequence.next_uniform, models.sample_next), and the batched step is padded to
+at least `min_step_batch` rows, the smallest batch from which the math library gives every row
+bit-identical results whatever the batch size (measured at start-up: tiny batches take a different
+kernel whose float rounding differs, which could flip a sample).
 
 Pure PyTorch + asyncio: no Ray, no Serve, no vocabulary (ids in, characters out via `table`)."""
 from __future__ import annotations

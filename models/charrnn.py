@@ -109,16 +109,15 @@ class CharRNN(nn.Module):
         """One time step: ids [batch] -> (logits [batch, vocab], state after it); the same function
         as `forward(ids[:, None], state)`. Sampling runs this once per character: layer by layer
         with the fused cell kernels, it skips the sequence machinery of nn.LSTM's CPU (oneDNN) path,
-        which costs more than the step itself at decoding sizes (bench/serve.py `network_step`, 64
-        rows of the seed-size LSTM on one thread: 5.5-7.6 ms here, against 8-20 ms via forward)."""
+        which costs more than the step itself at decoding sizes (bench/serve.py times both as
+        `network_step`; figures in BENCHMARKS.md)."""
         if state is None:
             state = self.init_state(ids.shape[0])
         rnn, cell, lstm = self.rnn, CELL_STEPS[self.config.cell], self.config.cell == "lstm"
         x, hs, cs = self.embedding(ids), [], []
-        for layer in range(self.config.layers):
+        for layer, weights in enumerate(rnn.all_weights):  # per layer: w_ih, w_hh, b_ih, b_hh
             if layer:
                 x = F.dropout(x, rnn.dropout, self.training)
-            weights = [getattr(rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
             if lstm:
                 x, c = cell(x, (state[0][layer], state[1][layer]), *weights)
                 cs.append(c)

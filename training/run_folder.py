@@ -100,7 +100,7 @@ class MetricsLog:
     def truncate(self, step: int) -> None:
         """Drop the records of steps after `step`, the checkpoint a restart resumes from: they
         will be run again."""
-        text = self.folder.read_text(METRICS) or "" if self.folder.is_local else self.text
+        text = (self.folder.read_text(METRICS) or "") if self.folder.is_local else self.text
         kept = "".join(l + "\n" for l in text.splitlines() if json.loads(l).get("step", 0) <= step)
         self.folder.write_text(METRICS, kept)
         if not self.folder.is_local:
