@@ -250,8 +250,10 @@ torch.save(made[-1].state_dict(), save_to)
 """
 
 
-def quality(minutes: float, name: str, args) -> dict:
-    cfg, budget, work = CONFIGS[name], minutes * 60, args.work / "quality"
+def quality(name: str, args) -> dict:
+    """Held-out loss of both sides after the same budget: --quality-minutes of training-loop wall time
+    or --quality-epochs over the same first 90% of the corpus."""
+    cfg, work = CONFIGS[name], args.work / "quality"
     work.mkdir(parents=True, exist_ok=True)
     text = args.corpus.read_text()  # newlines read as the classic script reads them
     split = int(len(text) * 0.9)  # the classic script trains on text[:split] and validates on the rest
@@ -260,20 +262,74 @@ def quality(minutes: float, name: str, args) -> dict:
     # Runs of 8192: the default 16384 cuts this text into fewer runs than the seed batch's 128 lanes.
     data = prepared(train_text, work / f"{train_text.stem}-prepared", args, "--val-fraction", "0.02",
                     "--run-length", "8192", fresh=True)
-    out = {"config": name, **cfg, "minutes": minutes}
+    budget = ("--epochs", str(args.quality_epochs)) if args.quality_epochs else ("--minutes", str(args.quality_minutes))
+    out = {"config": name, **cfg, budget[0].strip("-"): float(budget[1])}
+    out["baseline"], weights = quality_baseline(cfg, budget, work, args)
+    if args.quality_baseline_only:
+        return out
+    if args.quality_epochs:
+        out["stack"], model_dirs = quality_stack_epochs(cfg, data, work, args)
+    else:
+        out["stack"], model_dirs = quality_stack_minutes(cfg, data, work, args)
 
-    busy = foreign_cores(f"quality: baseline, {minutes} min", args.quiet_wait)
-    weights, log, cmd = work / "baseline.pt", work / "baseline.log", baseline_cmd(cfg, args, "--minutes", str(minutes))
+    print("[bench] quality: scoring ...", file=sys.stderr, flush=True)
+    for kind, model_dir in model_dirs.items():
+        losses, out["held_out"] = held_out_losses(text[split:], sorted(set(text)), cfg, weights, model_dir, data)
+        out["baseline"]["held_out_loss"] = losses["baseline"]
+        out["stack"][f"held_out_loss{kind}"] = losses["stack"]
+    out["held_out"]["text"] = f"the last 10% of {args.corpus.name}, the classic script's validation text"
+    out["stack_minus_baseline_loss"] = round(out["stack"]["held_out_loss"] - out["baseline"]["held_out_loss"], 4)
+    return out
+
+
+def quality_baseline(cfg: dict, budget: tuple, work: Path, args) -> tuple[dict, Path]:
+    """The classic script's quality run and the weights it trained. With --reuse-baseline, an earlier
+    run of the same command in --work is taken instead (the 20-epoch one takes about an hour)."""
+    cmd = baseline_cmd(cfg, args, *budget)
+    key = "-".join(budget).strip("-")
+    weights, log, saved = work / f"baseline-{key}.pt", work / f"baseline-{key}.log", work / f"baseline-{key}.json"
+    if args.reuse_baseline and saved.exists() and weights.exists():
+        found = json.loads(saved.read_text())
+        if found["cmd"] == "python " + " ".join(cmd):
+            print(f"[bench] quality: baseline reused from {saved}", file=sys.stderr, flush=True)
+            return {**found, "reused": str(saved)}, weights
+    busy = foreign_cores(f"quality: baseline, {' '.join(budget)}", args.quiet_wait)
     wall = run_ok("baseline (quality)", [sys.executable, "-c", CAPTURE, cmd[0], str(weights), *cmd[1:]], log)
     got = last_json(log)
-    out["baseline"] = {"steps": got["train_steps"], "train_loss": round(got["train_loss"], 4),
-                       "own_val_loss": round(got["val_loss"], 4), "process_s": round(wall, 1),
-                       "foreign_cores": busy, "cmd": "python " + " ".join(cmd)}
+    result = {"steps": got["train_steps"], "epochs": round(got["train_epochs"], 3),
+              "train_loss": round(got["train_loss"], 4), "own_val_loss": round(got["val_loss"], 4),
+              "process_s": round(wall, 1), "foreign_cores": busy, "cmd": "python " + " ".join(cmd)}
+    saved.write_text(json.dumps(result))
+    return result, weights
 
-    busy = foreign_cores(f"quality: stack, {minutes} min", args.quiet_wait)
+
+def quality_stack_epochs(cfg: dict, data: Path, work: Path, args) -> tuple[dict, dict]:
+    """`charrnn train --epochs E` as a user runs it (its own evaluations and checkpoints), scored twice:
+    RUN/model (the best by its own validation split) and the final weights."""
+    busy = foreign_cores(f"quality: stack, {args.quality_epochs} epochs", args.quiet_wait)
+    run_dir, log = work / "stack-run", work / "stack.log"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = ["charrnn", "train", "--data", str(data), "--out", str(run_dir), *(f"--{k}={v}" for k, v in cfg.items()),
+           "--epochs", str(args.quality_epochs), "--num-cpus", str(args.num_cpus), *args.quality_stack_args.split()]
+    wall = run_ok("charrnn train (quality)", [sys.executable, "-m", *cmd], log)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "loss" in r and "step" in r]
+    done = {json.loads(p.read_text())["step"]: p.parent for p in run_dir.glob("ray/**/checkpoint-*/trainer_state.json")}
+    best = json.loads((run_dir / "model" / "config.json").read_text())["info"]
+    return ({"steps": steps[-1]["step"], "train_loss": round(steps[-1]["loss"], 4), "best_step": best["step"],
+             "best_own_val_loss": round(best["val_loss"], 4), "process_s": round(wall, 1), "foreign_cores": busy,
+             "precision": next((r["precision"] for r in records if "precision" in r), "fp32"), "cmd": " ".join(cmd)},
+            {"": run_dir / "model", "_final": done[max(done)] / "model"})
+
+
+def quality_stack_minutes(cfg: dict, data: Path, work: Path, args) -> tuple[dict, dict]:
+    """`charrnn train` stopped once its loop has run the budget from the start of step 1, scored on
+    its last checkpoint inside the budget (one every 10 steps)."""
+    budget = args.quality_minutes * 60
+    busy = foreign_cores(f"quality: stack, {args.quality_minutes} min", args.quiet_wait)
     run_dir, log, tokens = work / "stack-run", work / "stack.log", cfg["batch"] * cfg["seq"]
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = stack_cmd(cfg, data, run_dir, BIG, args, checkpoint_every=10)
+    cmd = stack_cmd(cfg, data, run_dir, BIG, args, checkpoint_every=10) + args.quality_stack_args.split()
     tail = MetricsTail(run_dir / "metrics.jsonl")
 
     def elapsed(record: dict) -> float:  # seconds from the start of step 1 to the end of this step
@@ -291,17 +347,10 @@ def quality(minutes: float, name: str, args) -> dict:
     if step is None:
         raise SystemExit(f"charrnn train (quality): no checkpoint inside the budget, {len(tail.steps)} steps "
                          f"(output in {log})")
-    out["stack"] = {"steps": tail.steps[-1]["step"], "scored_checkpoint_step": step,
-                    "train_loss": round(tail.steps[-1]["loss"], 4), "process_s": round(wall, 1),
-                    "foreign_cores": busy, "cmd": " ".join(cmd)}
+    return ({"steps": tail.steps[-1]["step"], "scored_checkpoint_step": step,
+             "train_loss": round(tail.steps[-1]["loss"], 4), "process_s": round(wall, 1),
+             "foreign_cores": busy, "cmd": " ".join(cmd)}, {"": done[step] / "model"})
 
-    print("[bench] quality: scoring ...", file=sys.stderr, flush=True)
-    losses, out["held_out"] = held_out_losses(text[split:], sorted(set(text)), cfg, weights, done[step] / "model", data)
-    out["held_out"]["text"] = f"the last 10% of {args.corpus.name}, the classic script's validation text"
-    for kind in ("baseline", "stack"):
-        out[kind]["held_out_loss"] = losses[kind]
-    out["stack_minus_baseline_loss"] = round(out["stack"]["held_out_loss"] - out["baseline"]["held_out_loss"], 4)
-    return out
 
 
 def held_out_losses(held: str, chars: list[str], cfg: dict, weights: Path, model_dir: Path, data: Path):
@@ -384,6 +433,10 @@ def main() -> None:
     add("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the stack's local Ray (default all)")
     add("--quiet-wait", type=float, default=0, help="before each run, wait up to this many s for an idle machine")
     add("--quality-minutes", type=float, default=0, help="also compare held-out loss after this much training each")
+    add("--quality-epochs", type=float, default=0, help="... or after this many epochs each (the recipe's 20)")
+    add("--quality-stack-args", default="", help="more `charrnn train` options for the quality run, e.g. a recipe")
+    add("--reuse-baseline", action="store_true", help="take the classic quality run from --work if it ran there")
+    add("--quality-baseline-only", action="store_true", help="run the classic side of the quality run only")
     add("--quality-config", choices=CONFIGS, default="seed", help="of the quality runs (small: a smoke test)")
     args = ap.parse_args()
     names = [name for name in args.configs.split(",") if name]
@@ -417,8 +470,8 @@ def main() -> None:
                 target = TARGETS[f"{a}_vs_{b}"][name]
                 entry[f"{a}_vs_{b}_target"], entry[f"{a}_vs_{b}_target_met"] = target, ratio >= target
         report["configs"][name] = entry
-    if args.quality_minutes:
-        report["quality"] = quality(args.quality_minutes, args.quality_config, args)
+    if args.quality_minutes or args.quality_epochs:
+        report["quality"] = quality(args.quality_config, args)
     report["foreign_cores_after"] = foreign_cores()
     if max(BUSY) >= 0.2:
         report["warning"] = (f"other processes kept up to {max(BUSY)} of {os.cpu_count()} cores busy around the "

@@ -46,9 +46,16 @@ def add_commands(sub) -> None:
     opt("--val-max-tokens", type=int, help=f"validation tokens per evaluation, at most (default {d.val_max_tokens:,})")
     opt("--checkpoint-every", type=int, help=f"checkpoint every N steps, and at the end (default {d.checkpoint_every})")
     opt("--log-every", type=int, help=f"print progress every N steps (default {d.log_every})")
-    opt("--seed", type=int, help=f"random seed (default {d.seed})")
+    opt("--seed", type=int, help=f"random seed: initial weights, dropout, data order (default {d.seed})")
+    opt("--precision", choices=["auto", "fp32", "bf16"],
+        help="bf16: autocast, with float32 weights and optimizer state; auto (default): bf16 where the GPU or CPU "
+             "has it natively (AVX512-BF16, AMX) and a short probe at start-up measures it faster, float32 elsewhere")
+    opt("--no-shuffle", dest="shuffle", action="store_false",
+        help="walk the runs in corpus order every epoch (the classic recipe); default: each epoch in its own "
+             "seeded order across all files and shards")
+    opt("--shuffle-buffer", type=int, help=f"runs drawn from at random when shuffling (default {d.shuffle_buffer})")
     opt("--workers", type=int, help=f"data-parallel Ray Train workers (default {d.workers})")
-    opt("--gpu", action="store_true", help="one GPU per worker, NCCL and bf16 autocast (default: CPU, gloo, float32)")
+    opt("--gpu", action="store_true", help="one GPU per worker and NCCL (default: CPU and gloo)")
     opt("--threads-per-worker", type=int, help="torch threads per worker (default: the node's CPUs / workers)")
     opt("--max-failures", type=int, help=f"restarts from the latest checkpoint after a worker dies (default {d.max_failures})")
     add_address_option(p)

@@ -10,7 +10,7 @@ from pipeline import CorpusError, PreparedSeries, SeriesOptions, prepare_series
 from training.config import TrainingError
 from training.driver import train
 from training.run_folder import RunFolder
-from training.worker import TRAINER_STATE
+from training.checkpoint import TRAINER_STATE
 from training.tasks import SeriesTask
 
 QUIET = {"log_every": 100}

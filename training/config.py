@@ -28,6 +28,9 @@ class TrainConfig:
     max_steps: Optional[int] = None
     max_minutes: Optional[float] = None  # wall-time budget of the training loop, per session (a resume starts anew)
     seed: int = 0
+    precision: str = "auto"  # fp32, bf16 (autocast; weights and optimizer state stay fp32), or auto: see step.py
+    shuffle: bool = True  # each epoch in its own seeded order (training/order.py); False: corpus order
+    shuffle_buffer: int = 1024  # runs drawn from at random, after a per-epoch permutation of the shards
     # evaluation, checkpoints, logging
     val_every: int = 200  # steps; also at each epoch end
     val_max_tokens: int = 2_000_000  # evaluate on at most this many validation tokens
@@ -63,6 +66,10 @@ class TrainConfig:
             raise TrainingError(f"--max-minutes must be > 0, got {self.max_minutes}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise TrainingError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise TrainingError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.shuffle_buffer < 1:
+            raise TrainingError(f"--shuffle-buffer must be >= 1, got {self.shuffle_buffer}")
         if self.max_failures < 0:
             raise TrainingError("--max-failures must be >= 0")
 

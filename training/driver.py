@@ -27,12 +27,13 @@ from training.config import TrainConfig, TrainingError
 from training.plot import plot_losses
 from training.run_folder import CHECKPOINTS, METRICS, RunFolder
 from training.tasks import SERIES_DEFAULTS, TASKS
-from training.worker import TRAINER_STATE, train_loop_per_worker
+from training.checkpoint import TRAINER_STATE
+from training.worker import train_loop_per_worker
 
 RUN_FILE = "run.json"
 # What --resume may change: how long to train and on what, not the model, the optimiser or the data.
 RESUMABLE = {"epochs", "max_steps", "max_minutes", "workers", "gpu", "threads_per_worker", "max_failures", "val_every",
-             "val_max_tokens", "checkpoint_every", "log_every"}
+             "val_max_tokens", "checkpoint_every", "log_every", "precision"}
 
 
 def is_prepared(data: list[str]) -> bool:
@@ -90,8 +91,8 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
     threads = config.threads_per_worker or max(1, cpus // config.workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**job, "train": config.to_json(), "run_dir": run_dir.location, "total_steps": total_steps,
-                           "threads": threads},
+        train_loop_config={**job, "train": config.to_json(), "data": dataset.location, "run_dir": run_dir.location,
+                           "total_steps": total_steps, "threads": threads},
         torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
                                                resources_per_worker=_worker_resources(config, cpus)),
@@ -104,9 +105,6 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
             # Train's print patch would echo each worker line a second time through its logger.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
-        datasets={split: _quiet_ordered(dataset.ray_dataset(split)) for split in ("train", "validation")},
-        # Each worker streams the whole dataset and keeps its share of the runs (see worker.runs_of).
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     try:
         result = trainer.fit()
@@ -142,15 +140,6 @@ def _worker_resources(config: TrainConfig, cpus: int) -> dict:
     if config.gpu:
         resources["GPU"] = 1
     return resources
-
-
-def _quiet_ordered(ds):
-    """Rows in a stable order, so a checkpoint's data position means the same runs on resume; no
-    progress bars from inside the workers, whose own progress line says more."""
-    ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False
-    ds.context.print_on_execution_start = False
-    return ds
 
 
 def _first_line(err: Exception) -> str:

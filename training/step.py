@@ -3,7 +3,9 @@ a Ray Train worker, in a test and in a bare GPU timing script."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import time
 from typing import Iterable
 
 import torch
@@ -13,11 +15,57 @@ from models import detach_state, reset_state_rows
 from training.windows import IGNORE, Window
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on GPU; float32 on CPU, where bf16 LSTMs are slower and less exact."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast_for(device: torch.device, precision: str = "fp32"):
+    """bf16 autocast (the weights, the gradients and Adam's state stay float32), or plain float32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the hardware computes in bf16 natively: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (elsewhere CPU bf16 is emulated, and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPUID checks
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def choose_precision(requested: str, model, window: Window, state, device) -> tuple[str, str]:
+    """(precision to train in, why): `auto` takes bf16 where the hardware has it natively and a
+    short probe on this very batch measures it at least 10% faster than float32."""
+    if requested != "auto":
+        native = "" if requested == "fp32" or native_bf16(device) else " (no native bf16 here: emulated, slow)"
+        return requested, f"--precision {requested}{native}"
+    if not native_bf16(device):
+        return "fp32", f"auto: fp32 (no native bf16 on this {device.type})"
+    timings = probe_precision(model, window, state, device)
+    chosen = "bf16" if timings["bf16"] < 0.9 * timings["fp32"] else "fp32"
+    return chosen, f"auto: {chosen} (forward+backward of this batch: fp32 {timings['fp32']:.0f} ms, bf16 {timings['bf16']:.0f} ms)"
+
+
+def probe_precision(model, window: Window, state, device, repeats: int = 3) -> dict:
+    """Milliseconds per forward + backward of `model` (a copy: the model, its gradients and the
+    random generators are left as they were) on `window` in float32 and in bf16, the best of
+    `repeats` after one warm-up each."""
+    probe, timings = copy.deepcopy(model), {}
+    with torch.random.fork_rng(devices=[]):
+        for precision in ("fp32", "bf16"):
+            best = math.inf
+            for attempt in range(repeats + 1):
+                started = time.perf_counter()
+                loss, _ = window_loss(probe, window, state, device, precision)
+                loss.backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if attempt:
+                    best = min(best, time.perf_counter() - started)
+                probe.zero_grad(set_to_none=True)
+            timings[precision] = round(best * 1000, 2)
+    return timings
 
 
 def to_tensors(window: Window, device: torch.device):
@@ -37,20 +85,20 @@ def loss_sum(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     return total, (targets != IGNORE).sum()
 
 
-def window_loss(model, window: Window, state, device):
+def window_loss(model, window: Window, state, device, precision: str = "fp32"):
     """Mean loss over the window's real targets, and the state after it."""
     inputs, targets, reset = to_tensors(window, device)
     state = reset_state_rows(detach_state(state), reset)
-    with autocast_for(device):
+    with autocast_for(device, precision):
         outputs, state = model(inputs, state)
     total, count = loss_sum(outputs, targets)
     return total / count.clamp(min=1), state
 
 
-def train_step(model, optimizer, scheduler, window: Window, state, clip: float, device):
+def train_step(model, optimizer, scheduler, window: Window, state, clip: float, device, precision: str = "fp32"):
     """Forward, backward, clip the gradient norm, step. Returns (loss, grad_norm, state)."""
     model.train()
-    loss, state = window_loss(model, window, state, device)
+    loss, state = window_loss(model, window, state, device, precision)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -60,14 +108,14 @@ def train_step(model, optimizer, scheduler, window: Window, state, clip: float, 
 
 
 @torch.no_grad()
-def evaluate(model, windows: Iterable[Window], device, state=None) -> tuple[float, int]:
+def evaluate(model, windows: Iterable[Window], device, state=None, precision: str = "fp32") -> tuple[float, int]:
     """(summed loss, number of targets) over `windows`, state carried across them."""
     model.eval()
     total, count = 0.0, 0
     for window in windows:
         inputs, targets, reset = to_tensors(window, device)
         state = model.init_state(len(window.inputs)) if state is None else reset_state_rows(state, reset)
-        with autocast_for(device):
+        with autocast_for(device, precision):
             outputs, state = model(inputs, state)
         window_total, window_count = loss_sum(outputs, targets)
         total += window_total.item()
