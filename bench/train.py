@@ -25,6 +25,11 @@ once its loop has run M minutes from the start of step 1; scored: its last check
 budget, one every 10 steps) on a dataset prepared from the first 90% of the corpus, the classic
 script's training text. Both are scored alike (one stream, 4096 characters a pass, state carried)
 on the last 10%, the classic script's validation text, which neither trained on.
+--quality-epochs E instead trains each side E epochs (the recipe's 20: about an hour each), the stack
+as a user runs it (`charrnn train --epochs E`, its defaults), scored on RUN/model (the best by its own
+validation split) and on its final weights. --quality-side baseline|stack runs one side and saves its
+result in --work; --reuse takes a saved side whose command matches, so the sides can run apart and
+be scored together (`--reuse` with both sides saved).
 
 From the repository root (the corpus is prepared once into --work; rough durations, 2 idle cores):
 
@@ -32,6 +37,7 @@ From the repository root (the corpus is prepared once into --work; rough duratio
   python bench/train.py --configs seed --quality-minutes 20                # ~55 min
   python bench/train.py --configs small --small-steps 15 --small-warmup 3  # smoke test, ~2 min
   python bench/train.py --configs '' --quality-minutes 0.5 --quality-config small   # smoke test, ~3 min
+  python bench/train.py --configs '' --quality-epochs 20                   # ~2 hours
 """
 from __future__ import annotations
 
@@ -261,38 +267,39 @@ def quality(name: str, args) -> dict:
     train_text.write_text(text[:split])
     # Runs of 8192: the default 16384 cuts this text into fewer runs than the seed batch's 128 lanes.
     data = prepared(train_text, work / f"{train_text.stem}-prepared", args, "--val-fraction", "0.02",
-                    "--run-length", "8192", fresh=True)
+                    "--run-length", "8192", fresh=not args.reuse)
     budget = ("--epochs", str(args.quality_epochs)) if args.quality_epochs else ("--minutes", str(args.quality_minutes))
     out = {"config": name, **cfg, budget[0].strip("-"): float(budget[1])}
-    out["baseline"], weights = quality_baseline(cfg, budget, work, args)
-    if args.quality_baseline_only:
+    if args.quality_side in ("both", "baseline"):
+        out["baseline"], weights = quality_baseline(cfg, budget, work, args)
+    if args.quality_side in ("both", "stack"):
+        if args.quality_epochs:
+            out["stack"], model_dirs = quality_stack_epochs(cfg, data, work, args)
+        else:
+            out["stack"], model_dirs = quality_stack_minutes(cfg, data, work, args)
+    if args.quality_side != "both":
         return out
-    if args.quality_epochs:
-        out["stack"], model_dirs = quality_stack_epochs(cfg, data, work, args)
-    else:
-        out["stack"], model_dirs = quality_stack_minutes(cfg, data, work, args)
 
     print("[bench] quality: scoring ...", file=sys.stderr, flush=True)
-    for kind, model_dir in model_dirs.items():
-        losses, out["held_out"] = held_out_losses(text[split:], sorted(set(text)), cfg, weights, model_dir, data)
-        out["baseline"]["held_out_loss"] = losses["baseline"]
-        out["stack"][f"held_out_loss{kind}"] = losses["stack"]
+    losses, out["held_out"] = held_out_losses(text[split:], sorted(set(text)), cfg, weights, model_dirs, data,
+                                              args.threads)
+    out["baseline"]["held_out_loss"] = losses.pop("baseline")
+    for kind, loss in losses.items():
+        out["stack"][f"held_out_loss{kind.removeprefix('stack')}"] = loss
     out["held_out"]["text"] = f"the last 10% of {args.corpus.name}, the classic script's validation text"
     out["stack_minus_baseline_loss"] = round(out["stack"]["held_out_loss"] - out["baseline"]["held_out_loss"], 4)
     return out
 
 
 def quality_baseline(cfg: dict, budget: tuple, work: Path, args) -> tuple[dict, Path]:
-    """The classic script's quality run and the weights it trained. With --reuse-baseline, an earlier
-    run of the same command in --work is taken instead (the 20-epoch one takes about an hour)."""
+    """The classic script's quality run and the weights it trained. With --reuse, an earlier run of
+    the same command in --work is taken instead (the 20-epoch one takes about an hour)."""
     cmd = baseline_cmd(cfg, args, *budget)
     key = "-".join(budget).strip("-")
     weights, log, saved = work / f"baseline-{key}.pt", work / f"baseline-{key}.log", work / f"baseline-{key}.json"
-    if args.reuse_baseline and saved.exists() and weights.exists():
-        found = json.loads(saved.read_text())
-        if found["cmd"] == "python " + " ".join(cmd):
-            print(f"[bench] quality: baseline reused from {saved}", file=sys.stderr, flush=True)
-            return {**found, "reused": str(saved)}, weights
+    found = reused(saved, "python " + " ".join(cmd), args)
+    if found and weights.exists():
+        return found, weights
     busy = foreign_cores(f"quality: baseline, {' '.join(budget)}", args.quiet_wait)
     wall = run_ok("baseline (quality)", [sys.executable, "-c", CAPTURE, cmd[0], str(weights), *cmd[1:]], log)
     got = last_json(log)
@@ -303,23 +310,51 @@ def quality_baseline(cfg: dict, budget: tuple, work: Path, args) -> tuple[dict, 
     return result, weights
 
 
+def reused(saved: Path, cmd: str, args) -> dict | None:
+    """With --reuse, the result saved in `saved` by an earlier run of the same command."""
+    if not (args.reuse and saved.exists()):
+        return None
+    found = json.loads(saved.read_text())
+    if found["cmd"] != cmd:
+        return None
+    print(f"[bench] quality: reused {saved}", file=sys.stderr, flush=True)
+    return {**found, "reused": str(saved)}
+
+
 def quality_stack_epochs(cfg: dict, data: Path, work: Path, args) -> tuple[dict, dict]:
     """`charrnn train --epochs E` as a user runs it (its own evaluations and checkpoints), scored twice:
     RUN/model (the best by its own validation split) and the final weights."""
-    busy = foreign_cores(f"quality: stack, {args.quality_epochs} epochs", args.quiet_wait)
-    run_dir, log = work / "stack-run", work / "stack.log"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    key = f"epochs-{args.quality_epochs}"
+    run_dir, log, saved = work / f"stack-run-{key}", work / f"stack-{key}.log", work / f"stack-{key}.json"
     cmd = ["charrnn", "train", "--data", str(data), "--out", str(run_dir), *(f"--{k}={v}" for k, v in cfg.items()),
            "--epochs", str(args.quality_epochs), "--num-cpus", str(args.num_cpus), *args.quality_stack_args.split()]
+    cmd += ["--threads-per-worker", str(args.threads)] if args.threads else []
+    found = reused(saved, " ".join(cmd), args)
+    if found:
+        return found, {"": run_dir / "model", "_final": Path(found.pop("final_model"))}
+    if args.reuse and (run_dir / "run.json").exists():
+        # Finished by hand: `charrnn train --resume --out RUN` (exactly the uninterrupted run's steps)
+        print(f"[bench] quality: reused {run_dir}, trained apart from this script", file=sys.stderr, flush=True)
+        return stack_result(run_dir, cmd, None, None)
+    busy = foreign_cores(f"quality: stack, {args.quality_epochs} epochs", args.quiet_wait)
+    shutil.rmtree(run_dir, ignore_errors=True)
     wall = run_ok("charrnn train (quality)", [sys.executable, "-m", *cmd], log)
+    result, models = stack_result(run_dir, cmd, wall, busy)
+    saved.write_text(json.dumps({**result, "final_model": str(models["_final"])}))
+    return result, models
+
+
+def stack_result(run_dir: Path, cmd: list[str], wall: float | None, busy: float | None) -> tuple[dict, dict]:
+    """What a finished `charrnn train` run folder says of its run, and its two models to score."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r and "step" in r]
     done = {json.loads(p.read_text())["step"]: p.parent for p in run_dir.glob("ray/**/checkpoint-*/trainer_state.json")}
     best = json.loads((run_dir / "model" / "config.json").read_text())["info"]
-    return ({"steps": steps[-1]["step"], "train_loss": round(steps[-1]["loss"], 4), "best_step": best["step"],
-             "best_own_val_loss": round(best["val_loss"], 4), "process_s": round(wall, 1), "foreign_cores": busy,
-             "precision": next((r["precision"] for r in records if "precision" in r), "fp32"), "cmd": " ".join(cmd)},
-            {"": run_dir / "model", "_final": done[max(done)] / "model"})
+    result = {"steps": steps[-1]["step"], "train_loss": round(steps[-1]["loss"], 4), "best_step": best["step"],
+              "best_own_val_loss": round(best["val_loss"], 4), "process_s": wall and round(wall, 1), "foreign_cores": busy,
+              "precision": next((r["precision"] for r in records if "precision" in r), "fp32"), "cmd": " ".join(cmd),
+              "sessions": [r for r in records if r.get("event") in ("precision", "resumed")]}
+    return result, {"": run_dir / "model", "_final": done[max(done)] / "model"}
 
 
 def quality_stack_minutes(cfg: dict, data: Path, work: Path, args) -> tuple[dict, dict]:
@@ -353,17 +388,21 @@ def quality_stack_minutes(cfg: dict, data: Path, work: Path, args) -> tuple[dict
 
 
 
-def held_out_losses(held: str, chars: list[str], cfg: dict, weights: Path, model_dir: Path, data: Path):
-    """Both models' mean loss on `held`, on the same targets: the characters in both vocabularies
+def held_out_losses(held: str, chars: list[str], cfg: dict, weights: Path, model_dirs: dict, data: Path,
+                    threads: int = 0):
+    """Each model's mean loss on `held`, on the same targets: the characters in both vocabularies
     (the classic script's, `chars`, is built from the whole corpus; the stack's from `data`).
-    Returns ({"baseline": loss, "stack": loss}, how many characters were scored and left out)."""
+    Returns ({"baseline": loss, "stack" + key: loss for each of model_dirs}, how many characters
+    were scored and left out)."""
     import runpy
 
     import torch
 
     from models import load_model
 
-    dataset, model = open_dataset(data), load_model(model_dir)[0]
+    if threads:
+        torch.set_num_threads(threads)
+    dataset = open_dataset(data)
     stack_ids = torch.from_numpy(dataset.encode(held).astype("int64"))
     keep = stack_ids != dataset.vocab.unknown_id
     nb = runpy.run_path(str(BASELINE))  # its definitions; main() runs only as __main__
@@ -373,9 +412,11 @@ def held_out_losses(held: str, chars: list[str], cfg: dict, weights: Path, model
     char2int = {c: i for i, c in enumerate(chars)}
     one_hot = lambda x: torch.from_numpy(nb["one_hot_encode"](x[None].numpy(), len(chars)))
     classic_ids = torch.tensor([char2int[c] for c in held])
-    return ({"baseline": held_out_loss(lambda x, s: net(one_hot(x), s), classic_ids, keep),
-             "stack": held_out_loss(lambda x, s: model(x[None], s), stack_ids, keep)},
-            {"scored_chars": int(keep[1:].sum()), "left_out_chars": int((~keep[1:]).sum())})
+    losses = {"baseline": held_out_loss(lambda x, s: net(one_hot(x), s), classic_ids, keep)}
+    for key, model_dir in model_dirs.items():
+        model = load_model(model_dir)[0]
+        losses[f"stack{key}"] = held_out_loss(lambda x, s: model(x[None], s), stack_ids, keep)
+    return (losses, {"scored_chars": int(keep[1:].sum()), "left_out_chars": int((~keep[1:]).sum())})
 
 
 def held_out_loss(forward, ids, keep) -> float:
@@ -435,8 +476,9 @@ def main() -> None:
     add("--quality-minutes", type=float, default=0, help="also compare held-out loss after this much training each")
     add("--quality-epochs", type=float, default=0, help="... or after this many epochs each (the recipe's 20)")
     add("--quality-stack-args", default="", help="more `charrnn train` options for the quality run, e.g. a recipe")
-    add("--reuse-baseline", action="store_true", help="take the classic quality run from --work if it ran there")
-    add("--quality-baseline-only", action="store_true", help="run the classic side of the quality run only")
+    add("--quality-side", choices=["both", "baseline", "stack"], default="both",
+        help="run one side of the quality comparison only (its result is saved in --work; default both, scored)")
+    add("--reuse", action="store_true", help="take a quality side that ran in --work with the same command from there")
     add("--quality-config", choices=CONFIGS, default="seed", help="of the quality runs (small: a smoke test)")
     args = ap.parse_args()
     names = [name for name in args.configs.split(",") if name]

@@ -32,17 +32,49 @@ def generate(model: CharRNN, prime: list[int], length: int, temperature: float =
 
 
 @torch.no_grad()
-def score(model: CharRNN, ids: list[int], chunk: int = 4096) -> tuple[float, int]:
+def score(model: CharRNN, ids: list[int], chunk: int = 4096, lanes: int = 1, burn_in: int = 1024) -> tuple[float, int]:
     """(summed loss in nats, number of predicted tokens) of `ids`: each token predicted from the
-    ones before it, state carried across chunks."""
+    ones before it, state carried across chunks.
+
+    `lanes` > 1 scores that many contiguous pieces side by side in one batch (a recurrent network
+    is sequential along the text, so one stream leaves the hardware idle). Each piece after the
+    first starts `burn_in` tokens early, unscored, so that its state has context when its own
+    tokens come; the loss then differs from one stream's only by the context beyond burn_in."""
+    targets = max(len(ids) - 1, 0)
+    lanes = max(1, min(lanes, targets))
     model.eval()
     device = model.head.weight.device
-    total, state = 0.0, None
-    for start in range(0, max(len(ids) - 1, 0), chunk):
-        piece = torch.tensor([ids[start : start + chunk + 1]], device=device)
-        logits, state = model(piece[:, :-1], state)
-        total += F.cross_entropy(logits[0], piece[0, 1:], reduction="sum").item()
-    return total, max(len(ids) - 1, 0)
+    if lanes == 1:
+        total, state = 0.0, None
+        for start in range(0, targets, chunk):
+            piece = torch.tensor([ids[start : start + chunk + 1]], device=device)
+            logits, state = model(piece[:, :-1], state)
+            total += F.cross_entropy(logits[0], piece[0, 1:], reduction="sum").item()
+        return total, targets
+    inputs, labels = _lane_batch(torch.tensor(ids), lanes, burn_in)
+    inputs, labels, total, state = inputs.to(device), labels.to(device), 0.0, None
+    step = max(1, chunk // lanes)
+    for start in range(0, inputs.shape[1], step):
+        logits, state = model(inputs[:, start : start + step], state)
+        total += F.cross_entropy(logits.flatten(0, 1), labels[:, start : start + step].flatten(), ignore_index=-100,
+                                 reduction="sum").item()
+    return total, targets
+
+
+def _lane_batch(ids: torch.Tensor, lanes: int, burn_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lanes, time] inputs and labels: lane i predicts targets [bounds[i], bounds[i+1]) (target t
+    is ids[t + 1]) after reading from `burn_in` tokens before its first; -100 marks what is not
+    scored (burn-in and padding)."""
+    targets = len(ids) - 1
+    bounds = [targets * i // lanes for i in range(lanes + 1)]
+    starts = [max(0, first - burn_in) for first in bounds[:-1]]
+    width = max(end - start for start, end in zip(starts, bounds[1:]))
+    inputs = torch.zeros(lanes, width, dtype=torch.long)
+    labels = torch.full((lanes, width), -100, dtype=torch.long)
+    for lane, (start, first, end) in enumerate(zip(starts, bounds[:-1], bounds[1:])):
+        inputs[lane, : end - start] = ids[start:end]
+        labels[lane, first - start : end - start] = ids[first + 1 : end + 1]
+    return inputs, labels
 
 
 def bits_per_char(loss_nats: float) -> float:

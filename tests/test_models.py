@@ -314,3 +314,20 @@ def test_sample_next_rejects_bad_parameters(kwargs, message):
 def test_sample_next_rejects_bad_logits():
     with pytest.raises(ValueError, match=r"logits must be \[batch, vocab\]"):
         sample_next(torch.zeros(5))
+
+
+def test_score_in_lanes_is_one_streams_loss():
+    from models import score
+
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=30, layers=2, hidden=32, dropout=0.0))
+    ids = torch.randint(0, 30, (6001,)).tolist()
+    one_stream = score(model, ids)
+    # Burn-in back to the start: every lane sees exactly one stream's context.
+    total, count = score(model, ids, lanes=5, burn_in=len(ids))
+    assert count == one_stream[1] == 6000 and total == pytest.approx(one_stream[0], rel=1e-5)
+    # Short burn-in: each piece misses some context, and the loss is still that of one stream.
+    total, count = score(model, ids, lanes=8, burn_in=200)
+    assert count == 6000 and total / count == pytest.approx(one_stream[0] / 6000, abs=0.01)
+    # No burn-in at all leaves every piece but the first without its context: a real difference.
+    assert score(model, ids, lanes=8, burn_in=0)[0] != pytest.approx(one_stream[0], rel=1e-6)

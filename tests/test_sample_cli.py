@@ -77,3 +77,16 @@ def test_bad_model_folders(model_dir, tmp_path):
     (future / "config.json").write_text(json.dumps({**config, "format_version": 99}))
     (future / "model.safetensors").write_bytes((model_dir / "model" / "model.safetensors").read_bytes())
     assert "format version 99" in error_line(run_cli("eval", "--model", future, __file__))
+
+
+def test_eval_of_a_long_file_runs_in_lanes_with_one_streams_loss(model_dir, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "long.txt").write_text("".join(rng.choice(list("abcdefgh \n"), size=70_000)))
+    lanes = run_cli("eval", "--model", model_dir, tmp_path / "long.txt")
+    one = run_cli("eval", "--model", model_dir, "--lanes", "1", tmp_path / "long.txt")
+    assert lanes.returncode == one.returncode == 0, lanes.stderr + one.stderr
+    assert "(4 lanes, 1,024 characters of burn-in each)" in lanes.stdout and "(one stream)" in one.stdout
+    loss = lambda r: float(r.stdout.split("loss ")[1].split()[0])
+    assert loss(lanes) == pytest.approx(loss(one), abs=0.01)
