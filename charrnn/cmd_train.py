@@ -58,6 +58,9 @@ def add_commands(sub) -> None:
     opt("--gpu", action="store_true", help="one GPU per worker and NCCL (default: CPU and gloo)")
     opt("--threads-per-worker", type=int, help="torch threads per worker (default: the node's CPUs / workers)")
     opt("--max-failures", type=int, help=f"restarts from the latest checkpoint after a worker dies (default {d.max_failures})")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray Train's and Ray Data's own log lines (default: progress, evaluations, "
+                        "checkpoints and errors only)")
     add_address_option(p)
     p.set_defaults(run=_run_train)
 
@@ -69,7 +72,7 @@ def _run_train(args) -> int:
     fields = TrainConfig.__dataclass_fields__
     options = {k: v for k, v in vars(args).items() if k in fields}
     summary = train(args.data or [], args.out, options, resume=args.resume,
-                    before_ray=lambda: connect(args.address, args.num_cpus))
+                    before_ray=lambda: connect(args.address, args.num_cpus), verbose=args.verbose)
     print(f"trained {summary['steps']} steps; best validation loss {summary['best_val_loss']}; "
           f"model in {summary['model']}")
     return 0

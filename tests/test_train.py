@@ -130,3 +130,30 @@ def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(story_d
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "ray").glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-000000001"]
     assert [(r.get("event"), r["step"]) for r in records(tmp_path / "run") if "step" in r] == [(None, 1), ("diverged", 2)]
+
+
+CLI_TINY = ["--hidden", "32", "--layers", "1", "--batch", "8", "--seq", "32", "--max-steps", "20",
+            "--checkpoint-every", "10", "--val-every", "15", "--log-every", "10", "--num-cpus", "2"]
+RAY_CHATTER = ["Reporting training result", "Checkpoint successfully created", "execution finished",
+               "Moving model to device", "Estimated parquet", "Progress bars disabled", "tqdm is not installed"]
+
+
+def test_console_shows_progress_evaluations_and_checkpoints_and_verbose_shows_ray(tmp_path):
+    from conftest import run_cli, write_story_corpus
+
+    write_story_corpus(tmp_path / "story.txt", 30_000)
+    quiet = run_cli("train", "--data", tmp_path / "story.txt", "--out", tmp_path / "quiet", *CLI_TINY)
+    assert quiet.returncode == 0, quiet.stderr
+    console = quiet.stdout + quiet.stderr
+    for line in ("[train] precision ", "[train] step 10/20 loss", "val ", "(best: model saved)",
+                 "[train] checkpoint at step 20", "trained 20 steps"):
+        assert line in console
+    assert not [chatter for chatter in RAY_CHATTER if chatter in console], console
+
+    verbose = run_cli("train", "--data", tmp_path / "quiet" / "data", "--out", tmp_path / "verbose", *CLI_TINY,
+                      "--verbose", "--precision", "bf16", "--no-shuffle")
+    assert verbose.returncode == 0, verbose.stderr
+    console = verbose.stdout + verbose.stderr
+    assert "Reporting training result" in console and "[train] precision bf16: --precision bf16" in console
+    saved = json.loads((tmp_path / "verbose" / "run.json").read_text())["train"]
+    assert saved["precision"] == "bf16" and saved["shuffle"] is False

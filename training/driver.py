@@ -24,6 +24,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline import prepare
 from pipeline.publish import MANIFEST
 from training.config import TrainConfig, TrainingError
+from training.console import quiet_ray_logs
 from training.plot import plot_losses
 from training.run_folder import CHECKPOINTS, METRICS, RunFolder
 from training.tasks import SERIES_DEFAULTS, TASKS
@@ -40,11 +41,14 @@ def is_prepared(data: list[str]) -> bool:
     return len(data) == 1 and ("://" in data[0] or (Path(data[0]) / MANIFEST).exists())
 
 
-def train(data: list[str], out: str, options: dict, resume: bool = False,
-          log: Callable[[str], None] = print, before_ray: Callable[[], None] = lambda: None) -> dict:
+def train(data: list[str], out: str, options: dict, resume: bool = False, log: Callable[[str], None] = print,
+          before_ray: Callable[[], None] = lambda: None, verbose: bool = False) -> dict:
     """Train with `options` (TrainConfig fields; the rest keep their defaults) and return a summary:
     steps, best validation loss, where the model is. With `resume`, the run in `out` continues
-    with its saved options, of which only RESUMABLE ones may be changed."""
+    with its saved options, of which only RESUMABLE ones may be changed. `verbose` shows Ray
+    Train's and Ray Data's own progress lines besides this project's."""
+    if not verbose:
+        quiet_ray_logs()
     run_dir = RunFolder(out)
     checkpoint = run_dir.latest_checkpoint_step(TRAINER_STATE)
     saved_text = run_dir.read_text(RUN_FILE)
@@ -92,7 +96,7 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**job, "train": config.to_json(), "data": dataset.location, "run_dir": run_dir.location,
-                           "total_steps": total_steps, "threads": threads},
+                           "total_steps": total_steps, "threads": threads, "verbose": verbose},
         torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
                                                resources_per_worker=_worker_resources(config, cpus)),
@@ -104,6 +108,8 @@ def train(data: list[str], out: str, options: dict, resume: bool = False,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Train's print patch would echo each worker line a second time through its logger.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            # Ray Train's lines at every report and checkpoint: with --verbose only.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )
     try:

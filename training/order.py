@@ -29,9 +29,8 @@ def shard_order(shards: int, seed: int, epoch: int) -> list[int]:
 
 def quiet(ds):
     """Blocks in a stable order (a data position must mean the same runs on resume), and no
-    progress bars or execution banners from inside a worker, whose own progress line says more."""
+    execution banner from inside a worker, whose own progress line says more."""
     ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False
     ds.context.print_on_execution_start = False
     return ds
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from training.checkpoint import load_lanes, restore_trainer, save_lanes, save_trainer
 from training.config import TrainConfig
+from training.console import quiet_ray_logs
 from training.order import epoch_runs, validation_runs
 from training.run_folder import MetricsLog, RunFolder
 from training.step import choose_precision, evaluate, make_optimizer, train_step
@@ -31,6 +32,8 @@ def train_loop_per_worker(job: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(job["threads"])
+    if not job["verbose"]:
+        quiet_ray_logs()
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     device = ray.train.torch.get_device()
 
@@ -125,6 +128,7 @@ class _Loop:
         if val_loss < best and self.rank == 0:
             info = {"step": record["step"], **self.task.val_metrics(val_loss)}
             self.run_dir.save_folder("model", lambda path: self.task.save(module, path, info=info))
+            record["best"] = True
         return min(best, val_loss)
 
     def _log_step(self, record: dict, seconds_per_step: float, deadline) -> None:
@@ -136,6 +140,7 @@ class _Loop:
         if deadline is not None:
             eta = max(0.0, min(eta, deadline - time.monotonic()))
         val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
+        val += " (best: model saved)" if record.get("best") else ""
         unit = self.task.unit
         _log(0, f"step {step}/{self.job['total_steps']} loss {record['loss']:.4f}{val} "
                 f"{record[f'{unit}_per_s']:,.0f} {unit}/s ETA {eta / 60:.1f} min")
@@ -155,6 +160,7 @@ class _Loop:
                 save_trainer(folder, self.task, module, optimizer, scheduler, position)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"checkpoint-{position['step']:09d}")
+        _log(self.rank, f"checkpoint at step {position['step']}")
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
