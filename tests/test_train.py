@@ -122,6 +122,14 @@ def test_resumed_run_matches_an_uninterrupted_one_and_keeps_its_options(story_da
         train([story_dataset], str(tmp_path / "split"), TINY, log=lambda m: None)
 
 
+def test_a_bf16_run_resumes_in_another_precision(story_dataset, tmp_path):
+    out = str(tmp_path / "run")
+    train([story_dataset], out, {**TINY, "precision": "bf16", "max_steps": 10, "checkpoint_every": 5}, log=lambda m: None)
+    resumed = train([], out, {"max_steps": 15, "precision": "fp32"}, resume=True, log=lambda m: None)
+    assert resumed["steps"] == 15
+    assert [r["precision"] for r in records(tmp_path / "run") if r.get("event") == "precision"] == ["bf16", "fp32"]
+
+
 def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(story_dataset, tmp_path):
     # Adam at lr 100 moves every weight by ~100 in its first step: the second step's loss is ~70x ln V.
     with pytest.raises(TrainingError, match=r"training diverged at step 2 \(loss [0-9.e+]+\)"):

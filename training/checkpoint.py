@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 TRAINER_STATE = "trainer_state.json"
@@ -40,8 +41,7 @@ def save_lanes(folder: str, rank: int, world: int, epoch: int, taken: int, remai
     for i, part in enumerate(parts):
         tensors[f"state.{i}"] = part.detach().float().cpu().numpy()
     save_file(tensors, os.path.join(folder, lanes_file(rank)),
-              metadata={"format": LANES_FORMAT, "version": "1", "world": str(world), "epoch": str(epoch), "taken": str(taken),
-                        "state_dtype": str(parts[0].dtype).removeprefix("torch.")})
+              metadata={"format": LANES_FORMAT, "version": "1", "world": str(world), "epoch": str(epoch), "taken": str(taken)})
 
 
 def load_lanes(folder: str, rank: int, world: int, device) -> dict | None:
@@ -50,8 +50,6 @@ def load_lanes(folder: str, rank: int, world: int, device) -> dict | None:
     path = os.path.join(folder, lanes_file(rank))
     if not os.path.exists(path):
         return None
-    from safetensors import safe_open
-
     with safe_open(path, "np") as f:
         metadata = f.metadata() or {}
     if metadata.get("format") != LANES_FORMAT or metadata.get("world") != str(world):
@@ -59,8 +57,9 @@ def load_lanes(folder: str, rank: int, world: int, device) -> dict | None:
     tensors = load_file(path)
     ends = np.cumsum(tensors["lengths"])
     remainders = [tensors["points"][end - length:end] for end, length in zip(ends, tensors["lengths"])]
-    dtype = getattr(torch, metadata["state_dtype"])
-    parts = [torch.from_numpy(tensors[f"state.{i}"]).to(device, dtype) for i in range(2) if f"state.{i}" in tensors]
+    # float32 whatever the run computed in: exact for a bf16 state, which bf16 autocast casts back,
+    # and what float32 computation needs if --precision changed on resume.
+    parts = [torch.from_numpy(tensors[f"state.{i}"]).to(device) for i in range(2) if f"state.{i}" in tensors]
     return {"epoch": int(metadata["epoch"]), "taken": int(metadata["taken"]), "remainders": remainders,
             "state": tuple(parts) if len(parts) == 2 else parts[0]}
 

@@ -64,9 +64,7 @@ def train_loop_per_worker(job: dict) -> None:
     first = next(batches, None)
     if first is None:
         raise ValueError(f"{job['data']} has no training run of two or more points")
-    # The probe starts from zeros: a restored state is in the precision it was made in.
-    probe_state = module.init_state(config.lanes_per_worker)
-    precision = _agree_precision(config.precision, module, first, probe_state, device, world, rank, metrics_log)
+    precision = _agree_precision(config.precision, module, first, state, device, world, rank, metrics_log)
     loop = _Loop(job, config, task, run_dir, rank, world, device, precision, metrics_log)
     loop.run(ddp_model, module, optimizer, scheduler, _chain(first, batches), lanes, stream, state, position, val_runs)
 
