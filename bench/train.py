@@ -277,17 +277,19 @@ def quality(name: str, args) -> dict:
             out["stack"], model_dirs = quality_stack_epochs(cfg, data, work, args)
         else:
             out["stack"], model_dirs = quality_stack_minutes(cfg, data, work, args)
-    if args.quality_side != "both":
+    if "stack" not in out:
         return out
 
+    # The stack alone (--quality-side stack) is scored too, on the same targets, with no baseline beside it.
     print("[bench] quality: scoring ...", file=sys.stderr, flush=True)
-    losses, out["held_out"] = held_out_losses(text[split:], sorted(set(text)), cfg, weights, model_dirs, data,
-                                              args.threads)
-    out["baseline"]["held_out_loss"] = losses.pop("baseline")
+    losses, out["held_out"] = held_out_losses(text[split:], sorted(set(text)), cfg, weights if "baseline" in out else None,
+                                              model_dirs, data, args.threads)
     for kind, loss in losses.items():
         out["stack"][f"held_out_loss{kind.removeprefix('stack')}"] = loss
     out["held_out"]["text"] = f"the last 10% of {args.corpus.name}, the classic script's validation text"
-    out["stack_minus_baseline_loss"] = round(out["stack"]["held_out_loss"] - out["baseline"]["held_out_loss"], 4)
+    if "baseline" in out:
+        out["baseline"]["held_out_loss"] = losses.pop("baseline")
+        out["stack_minus_baseline_loss"] = round(out["stack"]["held_out_loss"] - out["baseline"]["held_out_loss"], 4)
     return out
 
 
@@ -405,14 +407,16 @@ def held_out_losses(held: str, chars: list[str], cfg: dict, weights: Path, model
     dataset = open_dataset(data)
     stack_ids = torch.from_numpy(dataset.encode(held).astype("int64"))
     keep = stack_ids != dataset.vocab.unknown_id
-    nb = runpy.run_path(str(BASELINE))  # its definitions; main() runs only as __main__
-    net = nb["CharRNN"](len(chars), cfg["hidden"], cfg["layers"], 0.5)
-    net.load_state_dict(torch.load(weights, weights_only=True))
-    net.eval()
-    char2int = {c: i for i, c in enumerate(chars)}
-    one_hot = lambda x: torch.from_numpy(nb["one_hot_encode"](x[None].numpy(), len(chars)))
-    classic_ids = torch.tensor([char2int[c] for c in held])
-    losses = {"baseline": held_out_loss(lambda x, s: net(one_hot(x), s), classic_ids, keep)}
+    losses = {}
+    if weights is not None:
+        nb = runpy.run_path(str(BASELINE))  # its definitions; main() runs only as __main__
+        net = nb["CharRNN"](len(chars), cfg["hidden"], cfg["layers"], 0.5)
+        net.load_state_dict(torch.load(weights, weights_only=True))
+        net.eval()
+        char2int = {c: i for i, c in enumerate(chars)}
+        one_hot = lambda x: torch.from_numpy(nb["one_hot_encode"](x[None].numpy(), len(chars)))
+        classic_ids = torch.tensor([char2int[c] for c in held])
+        losses["baseline"] = held_out_loss(lambda x, s: net(one_hot(x), s), classic_ids, keep)
     for key, model_dir in model_dirs.items():
         model = load_model(model_dir)[0]
         losses[f"stack{key}"] = held_out_loss(lambda x, s: model(x[None], s), stack_ids, keep)
