@@ -86,3 +86,30 @@ def test_a_lane_walk_restored_from_its_remainders_goes_on_exactly(two_alphabets)
         np.testing.assert_array_equal(got.inputs, expected.inputs)
         np.testing.assert_array_equal(got.targets, expected.targets)
         np.testing.assert_array_equal(got.reset, expected.reset)
+
+
+@pytest.mark.parametrize("points, state", [
+    # uint16 token ids (a vocabulary over 256), an LSTM's (h, c)
+    ([np.arange(300, 310, dtype=np.uint16), None, np.arange(5, dtype=np.uint16)], "lstm"),
+    # float series values [points, features], a GRU's h
+    ([np.ones((4, 3), np.float32), np.zeros((7, 3), np.float32), None], "gru"),
+    # every lane about to take a new run
+    ([None, None, None], "gru"),
+])
+def test_lanes_files_round_trip(tmp_path, points, state):
+    import torch
+
+    from training.checkpoint import load_lanes, save_lanes
+
+    h = torch.randn(2, 3, 8)
+    made = (h, torch.randn(2, 3, 8)) if state == "lstm" else h
+    save_lanes(str(tmp_path), 1, 2, 4, 17, points, made)
+    got = load_lanes(str(tmp_path), 1, 2, "cpu")
+    assert (got["epoch"], got["taken"]) == (4, 17)
+    for saved, loaded in zip(points, got["remainders"]):
+        assert (len(loaded) == 0) if saved is None else (np.array_equal(saved, loaded) and saved.dtype == loaded.dtype)
+    for a, b in zip(made if state == "lstm" else (made,), got["state"] if state == "lstm" else (got["state"],)):
+        assert torch.equal(a, b)
+    assert load_lanes(str(tmp_path), 1, 3, "cpu") is None  # written by another number of ranks
+    walk = Lanes(iter([]), 3, 2, got["remainders"])  # empty remainders mean "take a new run"
+    assert [run is None for run in walk.current] == [saved is None for saved in points]

@@ -59,7 +59,7 @@ def load_lanes(folder: str, rank: int, world: int, device) -> dict | None:
     remainders = [tensors["points"][end - length:end] for end, length in zip(ends, tensors["lengths"])]
     # float32 whatever the run computed in: exact for a bf16 state, which bf16 autocast casts back,
     # and what float32 computation needs if --precision changed on resume.
-    parts = [torch.from_numpy(tensors[f"state.{i}"]).to(device) for i in range(2) if f"state.{i}" in tensors]
+    parts = [torch.from_numpy(tensors[f"state.{i}"].copy()).to(device) for i in range(2) if f"state.{i}" in tensors]
     return {"epoch": int(metadata["epoch"]), "taken": int(metadata["taken"]), "remainders": remainders,
             "state": tuple(parts) if len(parts) == 2 else parts[0]}
 

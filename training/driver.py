@@ -56,6 +56,7 @@ def train(data: list[str], out: str, options: dict, resume: bool = False, log: C
         if saved_text is None:
             raise TrainingError(f"--resume: {out} holds no run to resume (no {RUN_FILE})")
         saved = json.loads(saved_text)
+        saved["train"].setdefault("shuffle", False)  # a run begun before shuffling existed walked corpus order
         fixed = sorted(k for k, v in options.items() if k not in RESUMABLE and v != saved["train"].get(k))
         if fixed:
             raise TrainingError(f"--resume cannot change {', '.join(fixed)}; the run keeps its model and data")

@@ -31,7 +31,8 @@ class Lanes:
     not yet fed (a checkpoint keeps it); `restored` hands such remainders back, so a resumed walk
     goes on with exactly the windows the uninterrupted one would have made."""
 
-    def __init__(self, runs: Iterable[np.ndarray], lanes: int, seq: int, restored: list[np.ndarray] | None = None):
+    def __init__(self, runs: Iterable[np.ndarray], lanes: int, seq: int,
+                 restored: list[np.ndarray | None] | None = None):
         self.source = (run for run in runs if len(run) >= 2)  # a run of one point has nothing to predict
         self.lanes, self.seq = lanes, seq
         self.current: list[np.ndarray | None] = [None] * lanes
@@ -39,7 +40,7 @@ class Lanes:
         if restored is not None:
             if len(restored) != lanes:
                 raise ValueError(f"{len(restored)} lane remainders for {lanes} lanes")
-            self.current = [run if len(run) >= 2 else None for run in restored]
+            self.current = [run if run is not None and len(run) >= 2 else None for run in restored]
 
     def remainders(self) -> list[np.ndarray | None]:
         """Per lane, the points it has yet to feed (its next input first), or None for a lane that

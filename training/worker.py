@@ -56,17 +56,21 @@ def train_loop_per_worker(job: dict) -> None:
     dataset = task.open(job["data"])
     val_runs = validation_runs(dataset, task, rank, world, config.val_max_tokens)
     shuffle_buffer = config.shuffle_buffer if config.shuffle else 0
-    epoch, taken = (saved_lanes["epoch"], saved_lanes["taken"]) if saved_lanes else (position["epoch"], position["taken"])
+    if saved_lanes:
+        epoch, taken = saved_lanes["epoch"], saved_lanes["taken"]
+    else:  # none, or saved by another number of workers: rank 0's count, scaled to this share
+        epoch, taken = position["epoch"], position["taken"] * position.get("world", world) // world
     stream = EpochStream(lambda e: epoch_runs(dataset, task, e, rank, world, config.seed, shuffle_buffer), epoch, taken)
     lanes = Lanes(stream, config.lanes_per_worker, config.seq, saved_lanes and saved_lanes["remainders"])
     state = saved_lanes["state"] if saved_lanes else module.init_state(config.lanes_per_worker)
-    batches = iter(lanes)
+    batches, start_epoch = iter(lanes), stream.epoch  # the first window may already cross into the next epoch
     first = next(batches, None)
     if first is None:
         raise ValueError(f"{job['data']} has no training run of two or more points")
     precision = _agree_precision(config.precision, module, first, state, device, world, rank, metrics_log)
     loop = _Loop(job, config, task, run_dir, rank, world, device, precision, metrics_log)
-    loop.run(ddp_model, module, optimizer, scheduler, _chain(first, batches), lanes, stream, state, position, val_runs)
+    loop.run(ddp_model, module, optimizer, scheduler, _chain(first, batches), lanes, stream, start_epoch, state,
+             position, val_runs)
 
 
 class _Loop:
@@ -78,10 +82,11 @@ class _Loop:
         self.metrics_log = metrics_log
         self.points_per_step = config.batch * config.seq
 
-    def run(self, ddp_model, module, optimizer, scheduler, batches, lanes, stream, state, position, val_runs):
+    def run(self, ddp_model, module, optimizer, scheduler, batches, lanes, stream, last_epoch, state, position,
+            val_runs):
         config, job, rank = self.config, self.job, self.rank
         step, best = position["step"], position["best_val_loss"]
-        train_seconds, steps_this_session, last_epoch = 0.0, 0, stream.epoch
+        train_seconds, steps_this_session = 0.0, 0
         deadline = time.monotonic() + 60 * config.max_minutes if config.max_minutes else None
         for window in batches:
             step_started = time.perf_counter()
@@ -111,7 +116,8 @@ class _Loop:
             if rank == 0 and (checkpointing or "val_loss" in record):
                 self.metrics_log.flush()
             if checkpointing:
-                position = {"step": step, "epoch": stream.epoch, "taken": stream.taken, "best_val_loss": best}
+                position = {"step": step, "epoch": stream.epoch, "taken": stream.taken, "world": self.world,
+                            "best_val_loss": best}
                 self._checkpoint(record, module, optimizer, scheduler, position, lanes, stream, state)
             if done:
                 return
@@ -120,7 +126,7 @@ class _Loop:
         """Adds the validation figures to `record`; rank 0 saves the model if it is the best yet."""
         total, count = evaluate(module, windows(val_runs, self.config.lanes_per_worker, self.config.seq), self.device,
                                 precision=self.precision)
-        sums = torch.tensor([total, float(count)], dtype=torch.float64)
+        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)  # NCCL: on the GPU
         if self.world > 1:
             dist.all_reduce(sums)
         val_loss = float(sums[0] / max(sums[1], 1.0))
@@ -175,7 +181,8 @@ def _agree_precision(requested, module, window, state, device, world, rank, metr
     if world > 1:
         flag = torch.tensor([1.0 if precision == "bf16" else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        precision = "bf16" if flag.item() > 0 else "fp32"
+        if precision == "bf16" and flag.item() == 0:
+            precision, why = "fp32", f"{why}; fp32 on every worker, since another one chose it"
     _log(rank, f"precision {precision}: {why}")
     if rank == 0:
         metrics_log.append({"event": "precision", "precision": precision, "why": why})
