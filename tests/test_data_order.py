@@ -113,3 +113,8 @@ def test_lanes_files_round_trip(tmp_path, points, state):
     assert load_lanes(str(tmp_path), 1, 3, "cpu") is None  # written by another number of ranks
     walk = Lanes(iter([]), 3, 2, got["remainders"])  # empty remainders mean "take a new run"
     assert [run is None for run in walk.current] == [saved is None for saved in points]
+
+
+def test_a_share_of_one_point_runs_ends_instead_of_reading_epochs_forever():
+    stream = EpochStream(lambda epoch: [np.array([epoch], np.uint8)] * 3)
+    assert list(Lanes(stream, 2, 8)) == [] and stream.epoch == 0

@@ -89,7 +89,8 @@ class Lanes:
 
 class EpochStream:
     """Runs from `epoch_runs(epoch)` for epoch after epoch, counting where it is so that a resumed
-    run can skip what it already took: (epoch, taken) is the data position in a checkpoint."""
+    run can skip what it already took: (epoch, taken) is the data position in a checkpoint. It ends
+    after an epoch with no run of two or more points: nothing to learn from, forever."""
 
     def __init__(self, epoch_runs: Callable[[int], Iterable[np.ndarray]], epoch: int = 0, skip: int = 0):
         self._epoch_runs = epoch_runs
@@ -99,7 +100,7 @@ class EpochStream:
         while True:
             empty = True
             for run in self._epoch_runs(self.epoch):
-                empty = False
+                empty = empty and len(run) < 2
                 if self._skip:
                     self._skip -= 1
                     self.taken += 1
