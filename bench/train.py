@@ -358,11 +358,16 @@ def quality_stack_epochs(cfg: dict, data: Path, work: Path, args) -> tuple[dict,
     return result, models
 
 
+def checkpoint_dirs(run_dir: Path) -> dict[int, Path]:
+    """A run folder's finished checkpoints by step."""
+    return {json.loads(p.read_text())["step"]: p.parent for p in run_dir.glob("ray/**/checkpoint-*/trainer_state.json")}
+
+
 def stack_result(run_dir: Path, cmd: list[str], wall: float | None, busy: float | None) -> tuple[dict, dict]:
     """What a finished `charrnn train` run folder says of its run, and its two models to score."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r and "step" in r]
-    done = {json.loads(p.read_text())["step"]: p.parent for p in run_dir.glob("ray/**/checkpoint-*/trainer_state.json")}
+    done = checkpoint_dirs(run_dir)
     best = json.loads((run_dir / "model" / "config.json").read_text())["info"]
     result = {"steps": steps[-1]["step"], "train_loss": round(steps[-1]["loss"], 4), "best_step": best["step"],
               "best_own_val_loss": round(best["val_loss"], 4), "process_s": wall and round(wall, 1), "foreign_cores": busy,
@@ -391,7 +396,7 @@ def quality_stack_minutes(cfg: dict, data: Path, work: Path, args) -> tuple[dict
 
     _, wall = run([sys.executable, "-m", *cmd], log, poll=over_budget)
     inside = {r["step"] for r in tail.steps if elapsed(r) <= budget}
-    done = {json.loads(p.read_text())["step"]: p.parent for p in run_dir.glob("ray/**/checkpoint-*/trainer_state.json")}
+    done = checkpoint_dirs(run_dir)
     step = max(inside & set(done), default=None)
     if step is None:
         raise SystemExit(f"charrnn train (quality): no checkpoint inside the budget, {len(tail.steps)} steps "
