@@ -5,8 +5,14 @@ Prints one JSON object. Scores one text (default: anna.txt and tinyshakespeare.t
 3 MB) under a model folder (default: a 2x256 LSTM saved with random weights, vocabulary from the
 text; speed does not depend on the weights, and --model takes a trained one for a meaningful loss)
 twice, each `charrnn eval` in its own fresh process: `--lanes 1` (one stream, state carried: the
-classic way) and the default (parallel lanes with burn-in). Reports wall time, the loss of each,
-their difference and the speed-up. Targets: >= 10x faster, loss within 0.01 nats/char.
+classic way), the default (parallel lanes with burn-in), and the default with `--precision bf16`.
+Reports wall time, the loss of each, their difference and the speed-up. Targets: >= 10x faster,
+loss within 0.01 nats/char.
+
+`ceiling`: what the arithmetic allows. The network's multiply-adds per character (2 x the weights of
+its recurrent stack and head) times the characters, over the rate of a large matrix product on
+this machine (measured in a fresh process, best of 10): the fastest any schedule of the same
+arithmetic could score the text, and so the largest speed-up over one stream in each precision.
 
   python bench/eval.py                              # ~2 min on 2 idle cores
   python bench/eval.py --model runs/anna --text held_out.txt
@@ -59,6 +65,36 @@ def timed_eval(model: Path, text: Path, *options: str) -> dict:
             "cmd": "charrnn " + " ".join(cmd[3:])}
 
 
+MATMUL = r"""
+import json, sys, time, torch
+n, out = 2048, {}
+for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best = float("inf")
+    for _ in range(10):
+        started = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - started)
+    out[name] = 2 * n**3 / best / 1e9
+print(json.dumps(out))
+"""
+
+
+def ceiling(model: Path, chars: int, one_stream_s: float) -> dict:
+    """The arithmetic bound on scoring `chars` characters with `model` (see the module's doc)."""
+    sys.path.insert(0, str(REPO))
+    from models import load_model
+
+    net = load_model(model)[0]
+    flops_per_char = 2 * sum(w.numel() for name, w in net.named_parameters() if "weight" in name and "embed" not in name)
+    done = subprocess.run([sys.executable, "-c", MATMUL], capture_output=True, text=True, check=True)
+    gflops = json.loads(done.stdout)
+    out = {"mflop_per_char": round(flops_per_char / 1e6, 2), "matmul_gflop_per_s": {k: round(v) for k, v in gflops.items()}}
+    for name, rate in gflops.items():
+        fastest = flops_per_char * chars / (rate * 1e9)
+        out[f"fastest_s_{name}"] = round(fastest, 1)
+        out[f"largest_speedup_{name}"] = round(one_stream_s / fastest, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--text", type=Path, nargs="*", default=[DATA / "anna.txt", DATA / "tinyshakespeare.txt"])
@@ -72,11 +108,14 @@ def main() -> None:
         joined.write_text(text)
         model = args.model or random_model(text, Path(tmp, "model"), args.hidden, args.layers)
         one = timed_eval(model, joined, "--lanes", "1")
-        lanes = timed_eval(model, joined)
-    print(json.dumps({"machine": cpu(), "text": [str(p) for p in args.text], "text_mb": round(len(text.encode()) / 1e6, 2),
-                      "model": str(args.model or f"random {args.layers}x{args.hidden} LSTM"),
-                      "one_stream": one, "lanes": lanes, "speedup": round(one["wall_s"] / lanes["wall_s"], 2),
-                      "loss_difference": round(lanes["loss"] - one["loss"], 4)}, indent=1))
+        runs = {"lanes": timed_eval(model, joined), "lanes_bf16": timed_eval(model, joined, "--precision", "bf16")}
+        bound = ceiling(model, len(text), one["wall_s"])
+    report = {"machine": cpu(), "text": [str(p) for p in args.text], "text_mb": round(len(text.encode()) / 1e6, 2),
+              "model": str(args.model or f"random {args.layers}x{args.hidden} LSTM"), "one_stream": one}
+    for name, got in runs.items():
+        report[name] = {**got, "speedup": round(one["wall_s"] / got["wall_s"], 2),
+                        "loss_difference": round(got["loss"] - one["loss"], 4)}
+    print(json.dumps({**report, "ceiling": bound}, indent=1))
 
 
 if __name__ == "__main__":

@@ -331,3 +331,18 @@ def test_score_in_lanes_is_one_streams_loss():
     assert count == 6000 and total / count == pytest.approx(one_stream[0] / 6000, abs=0.01)
     # No burn-in at all leaves every piece but the first without its context: a real difference.
     assert score(model, ids, lanes=8, burn_in=0)[0] != pytest.approx(one_stream[0], rel=1e-6)
+
+
+def test_score_in_bf16_is_close_to_float32_and_not_equal():
+    from models import score
+
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=30, layers=2, hidden=32, dropout=0.0))
+    ids = torch.randint(0, 30, (3001,)).tolist()
+    fp32, count = score(model, ids, lanes=4)
+    bf16, count_bf16 = score(model, ids, lanes=4, precision="bf16")
+    assert count_bf16 == count == 3000
+    assert bf16 != fp32  # it did run in bf16 ...
+    assert bf16 / count == pytest.approx(fp32 / count, abs=0.01)  # ... with its loss summed in float32
+    with pytest.raises(ValueError, match="precision"):
+        score(model, ids, precision="fp16")

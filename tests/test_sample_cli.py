@@ -90,3 +90,7 @@ def test_eval_of_a_long_file_runs_in_lanes_with_one_streams_loss(model_dir, tmp_
     assert "(4 lanes, 1,024 characters of burn-in each)" in lanes.stdout and "(one stream)" in one.stdout
     loss = lambda r: float(r.stdout.split("loss ")[1].split()[0])
     assert loss(lanes) == pytest.approx(loss(one), abs=0.01)
+    bf16 = run_cli("eval", "--model", model_dir, "--precision", "bf16", tmp_path / "long.txt")
+    assert bf16.returncode == 0, bf16.stderr
+    assert "(4 lanes, 1,024 characters of burn-in each, bf16)" in bf16.stdout
+    assert loss(bf16) == pytest.approx(loss(one), abs=0.02)
