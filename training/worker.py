@@ -6,6 +6,7 @@ agreement, the validation all-reduce), saves its own data position into each che
 each ray.train.report, so all ranks stop at the same step."""
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
@@ -69,7 +70,7 @@ def train_loop_per_worker(job: dict) -> None:
         raise ValueError(f"{job['data']} has no training run of two or more points")
     precision = _agree_precision(config.precision, module, first, state, device, world, rank, metrics_log)
     loop = _Loop(job, config, task, run_dir, rank, world, device, precision, metrics_log)
-    loop.run(ddp_model, module, optimizer, scheduler, _chain(first, batches), lanes, stream, start_epoch, state,
+    loop.run(ddp_model, module, optimizer, scheduler, itertools.chain([first], batches), lanes, stream, start_epoch, state,
              position, val_runs)
 
 
@@ -198,11 +199,6 @@ def _agree(loss: torch.Tensor, *flags: bool, world: int, device) -> tuple:
     if world > 1:
         dist.all_reduce(values)
     return (float(values[0]) / world, *(bool(v > 0) for v in values[1:].tolist()))
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def _log(rank: int, message: str) -> None:
