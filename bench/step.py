@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models import CharRNN, ModelConfig  # noqa: E402
-from training.step import make_optimizer, native_bf16, train_step  # noqa: E402
+from training.step import keep_freed_memory, make_optimizer, native_bf16, train_step  # noqa: E402
 from training.windows import Window  # noqa: E402
 
 VOCAB = 84  # anna.txt's 83 characters and the unknown id
@@ -64,6 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as charrnn train's worker does
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     if device.type == "cpu" and os.path.exists("/proc/cpuinfo"):

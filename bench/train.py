@@ -190,12 +190,13 @@ def bare_loop(job: dict) -> None:
 
     from models import CharRNN, ModelConfig
     from pipeline import PreparedDataset
-    from training.step import choose_precision, make_optimizer, train_step
+    from training.step import choose_precision, keep_freed_memory, make_optimizer, train_step
     from training.windows import EpochStream, windows
 
     cfg, cpu = job["cfg"], torch.device("cpu")
     if job["threads"]:
         torch.set_num_threads(job["threads"])
+    keep_freed_memory()  # as the stack's worker does
     dataset = PreparedDataset(job["data"])
     runs = [np.array(r) for r in dataset.iter_runs("train")]  # in memory, in the stack's order
     torch.manual_seed(0)

@@ -30,5 +30,8 @@ def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = 
     if address is None:
         # "local" starts a fresh Ray even if a `ray start` cluster runs on this machine.
         address = "local"
+        # A local Ray is this one machine, which no autoscaler drains: Ray Train's preemption
+        # watcher (an actor polling every 5 s, and an error line on the console) has nothing to watch.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         kwargs.update(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1")
     ray.init(address=address, **kwargs)

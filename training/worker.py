@@ -21,7 +21,7 @@ from training.config import TrainConfig
 from training.console import quiet_ray_logs
 from training.order import epoch_runs, validation_runs
 from training.run_folder import MetricsLog, RunFolder
-from training.step import choose_precision, evaluate, make_optimizer, train_step
+from training.step import choose_precision, evaluate, keep_freed_memory, make_optimizer, train_step
 from training.tasks import TASKS
 from training.windows import EpochStream, Lanes, windows
 
@@ -33,6 +33,7 @@ def train_loop_per_worker(job: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(job["threads"])
+    keep_freed_memory()
     if not job["verbose"]:
         quiet_ray_logs()
     torch.manual_seed(config.seed)  # the same initial weights on every rank
