@@ -61,10 +61,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="leave glibc's allocator as it is, unlike charrnn train (to measure what that costs)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as charrnn train's worker does
+    if not args.default_allocator:
+        keep_freed_memory()  # as charrnn train's worker does
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     if device.type == "cpu" and os.path.exists("/proc/cpuinfo"):
@@ -73,7 +76,8 @@ def main() -> None:
     results = {f"batch {batch}": {p: measure(device, int(batch), p, args) for p in args.precisions.split(",")}
                for batch in args.batches.split(",")}
     print(json.dumps({"device": name, "native_bf16": native_bf16(device), "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "model": f"{args.layers}x{args.hidden} LSTM, seq {args.seq}",
+                      "threads": torch.get_num_threads(), "freed_memory_kept": not args.default_allocator,
+                      "model": f"{args.layers}x{args.hidden} LSTM, seq {args.seq}",
                       "results": results}, indent=1))
 
 
