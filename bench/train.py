@@ -21,12 +21,15 @@ validation and save. `compute_chars_per_s` counts train_step time alone, like th
 /proc/stat, 2 s) before each run, while none of ours ran; above ~0.2 other load disturbs the figures.
 `cores_during_timed_steps` (stack): the cores the training worker, the stack's other processes
 (Ray's daemons and actors, the driver) and everything else kept busy over the timed steps.
+On a machine whose speed drifts from process to process, `--rounds N` runs the three sides N times
+in turn and reports each side's median round, with every round's figure and ratio beside it.
 
 The quality comparisons (held-out loss after the same time, epochs or steps) are bench/quality.py.
 
 From the repository root (the corpus is prepared once into --work; rough durations, 2 idle cores):
 
   python bench/train.py                                                    # ~15 min
+  python bench/train.py --seed-steps 40 --small-steps 600 --rounds 3       # steadier figures, ~60 min
   python bench/train.py --configs small --small-steps 15 --small-warmup 3  # smoke test, ~2 min
 """
 from __future__ import annotations
@@ -320,6 +323,36 @@ def machine() -> dict:
 
 # ----------------------------------------------------------------------------------------- main
 
+def measure_config(name: str, data: Path, args, bf16: str) -> dict:
+    """The three sides at one configuration, --rounds times in turn: each side's median round (its
+    `chars_per_s` and the round figures beside it), and the ratios of the medians against the targets."""
+    cfg = CONFIGS[name]
+    steps, warmup = (args.seed_steps, args.seed_warmup) if name == "seed" else (args.small_steps, args.small_warmup)
+    rounds: dict[str, list[dict]] = {"baseline": [], "bare": [], "stack": []}
+    for _ in range(args.rounds):
+        for kind, measure in (("baseline", baseline), ("bare", bare), ("stack", stack)):
+            busy = foreign_cores(f"{name}: {kind}", args.quiet_wait)
+            got = {**measure(cfg, steps, warmup, data, args, args.work / f"{name}-{kind}.log"), "foreign_cores": busy}
+            rounds[kind].append(got)
+            print(f"[bench] {name}: {kind} {got['chars_per_s']:,} chars/s", file=sys.stderr, flush=True)
+    entry = {**cfg}
+    for kind, got in rounds.items():
+        ordered = sorted(got, key=lambda r: r["chars_per_s"])
+        entry[kind] = {**ordered[len(ordered) // 2], "rounds_chars_per_s": [r["chars_per_s"] for r in got]}
+    targets = {**TARGETS, "stack_vs_baseline": TARGETS_VS_BASELINE[bf16]}
+    for a, b in (("stack", "baseline"), ("stack", "bare"), ("bare", "baseline")):
+        ratio = entry[a]["chars_per_s"] / entry[b]["chars_per_s"]
+        entry[f"{a}_vs_{b}"] = round(ratio, 3)
+        if args.rounds > 1:
+            entry[f"{a}_vs_{b}_by_round"] = [round(x["chars_per_s"] / y["chars_per_s"], 3)
+                                             for x, y in zip(rounds[a], rounds[b])]
+        if f"{a}_vs_{b}" in targets:
+            target = targets[f"{a}_vs_{b}"][name]
+            entry[f"{a}_vs_{b}_target"], entry[f"{a}_vs_{b}_target_met"] = target, ratio >= target
+    return entry
+
+
+
 def open_dataset(data: Path):
     from pipeline import PreparedDataset
 
@@ -350,33 +383,20 @@ def main() -> None:
     add("--seed-warmup", type=int, default=3, help="untimed first steps, seed configuration (default %(default)s)")
     add("--small-steps", type=int, default=150, help="timed steps, small configuration (default %(default)s)")
     add("--small-warmup", type=int, default=10, help="untimed first steps, small configuration (default %(default)s)")
+    add("--rounds", type=int, default=1,
+        help="run the three sides this many times in turn and report each one's median (default %(default)s)")
     args = ap.parse_args()
     names = [name for name in args.configs.split(",") if name]
     if set(names) - set(CONFIGS):
         ap.error(f"--configs: choose from {', '.join(CONFIGS)}")
-    if min(args.seed_steps, args.seed_warmup, args.small_steps, args.small_warmup) < 1:
-        ap.error("steps and warm-up steps must be >= 1")
+    if min(args.seed_steps, args.seed_warmup, args.small_steps, args.small_warmup, args.rounds) < 1:
+        ap.error("steps, warm-up steps and rounds must be >= 1")
     started = time.time()
     prepare_run(args)
     data = prepared(args.corpus, args.work / f"{args.corpus.stem}-prepared", args)
     report: dict = {"machine": machine(), "corpus": str(args.corpus), "data": str(data), "configs": {}}
     for name in names:
-        cfg = CONFIGS[name]
-        steps, warmup = (args.seed_steps, args.seed_warmup) if name == "seed" else (args.small_steps, args.small_warmup)
-        entry = {**cfg}
-        for kind, measure in (("baseline", baseline), ("bare", bare), ("stack", stack)):
-            busy = foreign_cores(f"{name}: {kind}", args.quiet_wait)
-            entry[kind] = {**measure(cfg, steps, warmup, data, args, args.work / f"{name}-{kind}.log"),
-                           "foreign_cores": busy}
-            print(f"[bench] {name}: {kind} {entry[kind]['chars_per_s']:,} chars/s", file=sys.stderr, flush=True)
-        for a, b in (("stack", "baseline"), ("stack", "bare"), ("bare", "baseline")):
-            ratio = entry[a]["chars_per_s"] / entry[b]["chars_per_s"]
-            entry[f"{a}_vs_{b}"] = round(ratio, 3)
-            targets = {**TARGETS, "stack_vs_baseline": TARGETS_VS_BASELINE[report["machine"]["native_bf16"]]}
-            if f"{a}_vs_{b}" in targets:
-                target = targets[f"{a}_vs_{b}"][name]
-                entry[f"{a}_vs_{b}_target"], entry[f"{a}_vs_{b}_target_met"] = target, ratio >= target
-        report["configs"][name] = entry
+        report["configs"][name] = measure_config(name, data, args, report["machine"]["native_bf16"])
     report["foreign_cores_after"] = foreign_cores()
     if max(BUSY) >= 0.2:
         report["warning"] = (f"other processes kept up to {max(BUSY)} of {os.cpu_count()} cores busy around the "
