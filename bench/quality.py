@@ -38,8 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-from train import (BASELINE, BIG, BUSY, CONFIGS, MetricsTail, add_common_options, baseline_cmd, foreign_cores,
-                   last_json, machine, prepare_run, prepared, open_dataset, run, run_ok, stack_cmd)
+from train import (BASELINE, BIG, CONFIGS, MetricsTail, add_common_options, baseline_cmd, finish_report,
+                   foreign_cores, last_json, machine, prepare_run, prepared, open_dataset, run, run_ok, stack_cmd)
 
 HELD_OUT = "the last 10% of {}, the classic script's validation text"
 
@@ -304,12 +304,7 @@ def main() -> None:
         report["parity"] = parity(args.config, args)
     else:
         report["quality"] = quality(args.config, args)
-    report["foreign_cores_after"] = foreign_cores()
-    if max(BUSY) >= 0.2:
-        report["warning"] = (f"other processes kept up to {max(BUSY)} cores busy around the runs: the wall "
-                             f"times are disturbed (see --quiet-wait)")
-    report["bench_s"] = round(time.time() - started, 1)
-    print(json.dumps(report, indent=1))
+    finish_report(report, started)
 
 
 if __name__ == "__main__":

@@ -321,6 +321,16 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": version("torch"), "ray": version("ray")}
 
 
+def finish_report(report: dict, started: float) -> None:
+    """Print `report` with how busy the machine was around the runs and how long they took."""
+    report["foreign_cores_after"] = foreign_cores()
+    if max(BUSY) >= 0.2:
+        report["warning"] = (f"other processes kept up to {max(BUSY)} of {os.cpu_count()} cores busy around the "
+                             f"runs: the figures are disturbed (see --quiet-wait)")
+    report["bench_s"] = round(time.time() - started, 1)
+    print(json.dumps(report, indent=1))
+
+
 # ----------------------------------------------------------------------------------------- main
 
 def measure_config(name: str, data: Path, args, bf16: str) -> dict:
@@ -397,12 +407,7 @@ def main() -> None:
     report: dict = {"machine": machine(), "corpus": str(args.corpus), "data": str(data), "configs": {}}
     for name in names:
         report["configs"][name] = measure_config(name, data, args, report["machine"]["native_bf16"])
-    report["foreign_cores_after"] = foreign_cores()
-    if max(BUSY) >= 0.2:
-        report["warning"] = (f"other processes kept up to {max(BUSY)} of {os.cpu_count()} cores busy around the "
-                             f"runs: the figures are disturbed (see --quiet-wait)")
-    report["bench_s"] = round(time.time() - started, 1)
-    print(json.dumps(report, indent=1))
+    finish_report(report, started)
 
 
 if __name__ == "__main__":
