@@ -78,6 +78,39 @@ def _wait_for_shards(tmp_path, proc, ignore=(), timeout=120):
     raise AssertionError("prepare never started writing shards")
 
 
+def _freeze_workers(proc) -> list[int]:
+    """SIGSTOP the Ray worker processes that `proc` (a session leader) started, not its driver nor
+    Ray's daemons: its pipeline then stands still, however fast the machine, until _thaw."""
+    frozen = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        session = int(stat[stat.rindex(")") + 2:].split()[3])
+        if session == proc.pid and title.startswith("ray::") and not title.endswith("Agent"):
+            os.kill(int(pid), signal.SIGSTOP)
+            frozen.append(int(pid))
+    assert frozen, "no Ray worker process found"
+    return frozen
+
+
+def _thaw(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def _wait_until_gone(path, timeout=120) -> None:
+    deadline = time.time() + timeout
+    while path.exists():
+        assert time.time() < deadline, f"{path} still there {timeout} s after the interrupt"
+        time.sleep(0.05)
+
+
 def test_interrupted_run_leaves_the_old_dataset_valid(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "a.txt").write_text("the old corpus\n" * 100)
@@ -86,8 +119,10 @@ def test_interrupted_run_leaves_the_old_dataset_valid(tmp_path):
     _big_corpus(tmp_path / "new", 16)
 
     # Killed outright: the old dataset stays as it was; the staging folder is hidden and not a dataset.
+    # The run's workers are frozen first, so that it cannot have finished when the signal lands.
     proc = _start_prepare(tmp_path, tmp_path / "new")
     _wait_for_shards(tmp_path, proc)
+    _freeze_workers(proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (tmp_path / "ds" / "manifest.json").read_bytes() == old_manifest
@@ -98,7 +133,11 @@ def test_interrupted_run_leaves_the_old_dataset_valid(tmp_path):
     killed_runs_staging = _staging(tmp_path)
     proc = _start_prepare(tmp_path, tmp_path / "new")
     _wait_for_shards(tmp_path, proc, ignore=killed_runs_staging)
+    staging = next(p for p in _staging(tmp_path) if p not in killed_runs_staging)
+    frozen = _freeze_workers(proc)
     proc.send_signal(signal.SIGINT)
+    _wait_until_gone(staging)  # the driver has taken the interrupt: its staging folder is deleted
+    _thaw(frozen)
     assert proc.wait(timeout=60) == 130
     assert "interrupted" in proc.stderr.read()
     assert (tmp_path / "ds" / "manifest.json").read_bytes() == old_manifest
