@@ -79,8 +79,10 @@ def _wait_for_shards(tmp_path, proc, ignore=(), timeout=120):
 
 
 def _freeze_workers(proc) -> list[int]:
-    """SIGSTOP the Ray worker processes that `proc` (a session leader) started, not its driver nor
-    Ray's daemons: its pipeline then stands still, however fast the machine, until _thaw."""
+    """SIGSTOP the Ray worker processes that `proc` (a session leader) runs its encoding tasks in,
+    and its idle ones, which could take the next task: its pipeline then stands still, however fast
+    the machine, until _thaw. Not the driver, Ray's daemons nor Ray Data's actors, which the
+    driver calls when it stops."""
     frozen = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -91,7 +93,7 @@ def _freeze_workers(proc) -> list[int]:
         except OSError:
             continue
         session = int(stat[stat.rindex(")") + 2:].split()[3])
-        if session == proc.pid and title.startswith("ray::") and not title.endswith("Agent"):
+        if session == proc.pid and ("_encode_and_write_batch" in title or title == "ray::IDLE"):
             os.kill(int(pid), signal.SIGSTOP)
             frozen.append(int(pid))
     assert frozen, "no Ray worker process found"
