@@ -106,13 +106,6 @@ def _thaw(pids: list[int]) -> None:
             os.kill(pid, signal.SIGCONT)
 
 
-def _wait_until_gone(path, timeout=120) -> None:
-    deadline = time.time() + timeout
-    while path.exists():
-        assert time.time() < deadline, f"{path} still there {timeout} s after the interrupt"
-        time.sleep(0.05)
-
-
 def test_interrupted_run_leaves_the_old_dataset_valid(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "a.txt").write_text("the old corpus\n" * 100)
@@ -124,9 +117,12 @@ def test_interrupted_run_leaves_the_old_dataset_valid(tmp_path):
     # The run's workers are frozen first, so that it cannot have finished when the signal lands.
     proc = _start_prepare(tmp_path, tmp_path / "new")
     _wait_for_shards(tmp_path, proc)
-    _freeze_workers(proc)
+    frozen = _freeze_workers(proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    for pid in frozen:  # workers may sit in process groups of their own: they must not stay stopped
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     assert (tmp_path / "ds" / "manifest.json").read_bytes() == old_manifest
     assert run_cli("verify", tmp_path / "ds").returncode == 0
     assert not any((p / "manifest.json").exists() for p in _staging(tmp_path))
@@ -135,10 +131,12 @@ def test_interrupted_run_leaves_the_old_dataset_valid(tmp_path):
     killed_runs_staging = _staging(tmp_path)
     proc = _start_prepare(tmp_path, tmp_path / "new")
     _wait_for_shards(tmp_path, proc, ignore=killed_runs_staging)
-    staging = next(p for p in _staging(tmp_path) if p not in killed_runs_staging)
     frozen = _freeze_workers(proc)
+    # The signal lands while tasks are still pending. The driver's main thread may sleep on a lock
+    # that only the pipeline's next result wakes (a signal caught by another thread does not), so
+    # the workers go on; the driver raises KeyboardInterrupt as soon as it wakes, before it can
+    # publish anything.
     proc.send_signal(signal.SIGINT)
-    _wait_until_gone(staging)  # the driver has taken the interrupt: its staging folder is deleted
     _thaw(frozen)
     assert proc.wait(timeout=60) == 130
     assert "interrupted" in proc.stderr.read()
