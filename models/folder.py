@@ -56,6 +56,7 @@ def _write(model, network, config, task_keys: dict, path: Path, info: dict | Non
     # Serialized before anything touches the disk, so a value JSON cannot hold fails early.
     text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **task_keys, "model": config.to_json(),
                        "info": info or {}}, indent=1)
+    _restore_stepped_aside(path)
     if path.exists() and not _replaceable(path):
         raise ModelFolderError(f"{path} exists and is not a {FORMAT} folder; refusing to replace it")
 
@@ -81,6 +82,20 @@ def _replaceable(path: Path) -> bool:
         return json.loads((path / CONFIG).read_text(encoding="utf-8")).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _restore_stepped_aside(path: Path) -> None:
+    """A save killed between _publish's two renames left the old model as .NAME.old-*: without a
+    folder at `path` it comes back; beside one, it and killed saves' staging folders are removed."""
+    leftovers = [p for p in path.parent.glob(f".{path.name}.*-*") if p.name.startswith((f".{path.name}.old-", f".{path.name}.partial-"))]
+    if not path.exists():
+        old = [p for p in leftovers if p.name.startswith(f".{path.name}.old-") and _replaceable(p) and any(p.iterdir())]
+        if old:
+            newest = max(old, key=lambda p: p.stat().st_mtime_ns)
+            newest.rename(path)
+            leftovers.remove(newest)
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _publish(staging: Path, path: Path) -> None:

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.errors import CorpusError
-from pipeline.publish import MANIFEST, make_way, staged, write_bytes
-from pipeline.sources import SourceFile, default_corpus, expand_inputs, resolve_filesystem
+from pipeline.publish import MANIFEST, claimed, staged, write_bytes
+from pipeline.sources import SourceFile, default_corpus, default_corpus_root, expand_inputs, resolve_filesystem
 from pipeline.text_ranges import TextRangeDatasource
 from pipeline.vocab import Vocabulary, count_range, decode_range
 
@@ -79,9 +79,16 @@ def prepare(inputs: list[str], out: str, options: PrepareOptions = PrepareOption
     started = time.perf_counter()
     sources = expand_inputs(inputs) if inputs else default_corpus()
     out_fs, out_path = resolve_filesystem(out)
-    make_way(out_fs, out_path, out)
-    before_ray()
+    with claimed(out_fs, out_path, out, inputs or [default_corpus_root()]):
+        before_ray()
+        manifest = _write_dataset(sources, options, out_fs, out_path, log)
+    manifest["elapsed_s"] = time.perf_counter() - started  # for the summary; not in the file
+    return manifest
 
+
+def _write_dataset(sources: list[SourceFile], options: PrepareOptions, out_fs: pafs.FileSystem, out_path: str,
+                   log: Callable[[str], None]) -> dict:
+    """Both passes over the corpus, published at `out_path`; returns the manifest."""
     total_mb = sum(s.size for s in sources) / 1e6
     log(f"pass 1/2: counting characters in {len(sources)} files ({total_mb:.1f} MB)")
     ranges = _count_pass(sources, options)
@@ -101,7 +108,6 @@ def prepare(inputs: list[str], out: str, options: PrepareOptions = PrepareOption
         shards = _encode_pass(sources, vocab, run_plan, options, out_fs, staging)
         manifest = _manifest(sources, ranges, skipped, vocab, shards, run_plan, options)
         write_bytes(out_fs, f"{staging}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-    manifest["elapsed_s"] = time.perf_counter() - started  # for the summary; not in the file
     return manifest
 
 

@@ -23,12 +23,13 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
 from pipeline.errors import CorpusError
 from pipeline.prepare import SPLITS
-from pipeline.publish import MANIFEST, make_way, staged, write_bytes
+from pipeline.publish import MANIFEST, claimed, staged, write_bytes
 from pipeline.series_dataset import FORMAT, FORMAT_VERSION, SHARD_SCHEMA, PreparedSeries, open_prepared, value_runs
 from pipeline.series_source import SeriesFileDatasource
 from pipeline.series_read import check_readable, is_series_file, read_points, require_columns
@@ -98,8 +99,15 @@ def prepare_series(inputs: list[str], out: str, options: SeriesOptions,
         files = series_files(inputs)
         require_columns(files[0], list(options.columns) + [options.series_id] * bool(options.series_id))
     out_fs, out_path = resolve_filesystem(out)
-    make_way(out_fs, out_path, out)
+    with claimed(out_fs, out_path, out, inputs):
+        manifest = _write_dataset(files, options, out_fs, out_path, log, before_ray)
+    manifest["elapsed_s"] = time.perf_counter() - started  # for the summary; not in the file
+    return manifest
 
+
+def _write_dataset(files: list[SourceFile], options: SeriesOptions, out_fs: pafs.FileSystem, out_path: str,
+                   log: Callable[[str], None], before_ray: Callable[[], None]) -> dict:
+    """Count (or generate) the series, cut them into runs and publish the shards at `out_path`."""
     if options.synthetic:
         log(f"generating {options.series} sine series of {options.points:,} points")
         keys, counts, chunks, synthetic = _sine(options)
@@ -121,7 +129,6 @@ def prepare_series(inputs: list[str], out: str, options: SeriesOptions,
         shards, normalization = writer.finish()
         manifest = _manifest(options, files, rows, keys, counts, shards, normalization, synthetic)
         write_bytes(out_fs, f"{staging}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-    manifest["elapsed_s"] = time.perf_counter() - started  # for the summary; not in the file
     return manifest
 
 

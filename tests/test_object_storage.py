@@ -99,5 +99,10 @@ def test_an_interrupted_copy_in_may_be_replaced_but_a_foreign_folder_may_not(buc
     make_way(fs, "charrnn/half", "s3://charrnn/half")  # shards without a manifest: a copy-in cut short
     with fs.open_output_stream("charrnn/mine/notes.txt") as f:
         f.write(b"keep me")
-    with pytest.raises(CorpusError, match="non-empty folder without manifest.json"):
+    with pytest.raises(CorpusError, match="not a charrnn dataset"):
         make_way(fs, "charrnn/mine", "s3://charrnn/mine")
+    with fs.open_output_stream("charrnn/web/manifest.json") as f:  # someone else's manifest
+        f.write(b'{"name": "ext"}')
+    with pytest.raises(CorpusError, match="not a charrnn dataset"):
+        make_way(fs, "charrnn/web", "s3://charrnn/web")
+    assert _read(fs, "charrnn/web/manifest.json") == '{"name": "ext"}'

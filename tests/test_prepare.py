@@ -61,7 +61,7 @@ def test_round_trip_random_unicode_over_many_ranges(ray_local, tmp_path_factory,
     root = tmp_path_factory.mktemp("corpus")
     files = {f"f{i}.txt": t.encode("utf-8") for i, t in enumerate(texts)}
     write_corpus(root, files)
-    out = root / "ds"
+    out = tmp_path_factory.mktemp("ds") / "ds"
     prepare([str(root)], str(out), PrepareOptions(range_mb=24 / 2**20, run_length=7, val_fraction=0), **QUIET)
     dataset = PreparedDataset(str(out))
     rebuilt = texts_by_source(dataset)
@@ -195,40 +195,40 @@ def test_range_edges_never_split_a_character_or_a_crlf_pair(ray_local, tmp_path)
 
 def test_invalid_utf8_strict_names_file_and_byte_offset(ray_local, tmp_path):
     data = b"x" * 5000 + b"\xff" + b"y" * 100
-    write_corpus(tmp_path, {"ok.txt": b"fine\n", "bad.txt": data})
-    with pytest.raises(CorpusError, match=rf"invalid UTF-8 in {tmp_path}/bad.txt at byte 5000"):
-        prepare([str(tmp_path)], str(tmp_path / "ds"), PrepareOptions(range_mb=0.001), **QUIET)
+    write_corpus(tmp_path / "c", {"ok.txt": b"fine\n", "bad.txt": data})
+    with pytest.raises(CorpusError, match=rf"invalid UTF-8 in {tmp_path}/c/bad.txt at byte 5000"):
+        prepare([str(tmp_path / "c")], str(tmp_path / "ds"), PrepareOptions(range_mb=0.001), **QUIET)
     assert not (tmp_path / "ds").exists()
 
 
 def test_invalid_utf8_replace_substitutes_and_counts(ray_local, tmp_path):
-    write_corpus(tmp_path, {"bad.txt": b"ab\xffcd\xfe\xfeef \xef\xbf\xbd"})  # the last is a genuine U+FFFD
-    manifest = prepare([str(tmp_path / "bad.txt")], str(tmp_path / "ds"),
+    write_corpus(tmp_path / "c", {"bad.txt": b"ab\xffcd\xfe\xfeef \xef\xbf\xbd"})  # the last is a genuine U+FFFD
+    manifest = prepare([str(tmp_path / "c" / "bad.txt")], str(tmp_path / "ds"),
                        PrepareOptions(errors="replace", val_fraction=0), **QUIET)
     assert manifest["totals"]["replaced_chars"] == 3
     rebuilt = texts_by_source(PreparedDataset(str(tmp_path / "ds")))
-    assert rebuilt[f"{tmp_path}/bad.txt"] == "ab\ufffdcd\ufffd\ufffdef \ufffd"
+    assert rebuilt[f"{tmp_path}/c/bad.txt"] == "ab\ufffdcd\ufffd\ufffdef \ufffd"
 
 
 def test_binary_file_is_skipped_with_a_warning(ray_local, tmp_path):
-    write_corpus(tmp_path, {"text.txt": b"hello world\n" * 20, "image.bin": b"\x89PNG\x00\x00\xff\xfe" * 100})
+    write_corpus(tmp_path / "c", {"text.txt": b"hello world\n" * 20, "image.bin": b"\x89PNG\x00\x00\xff\xfe" * 100})
     messages = []
-    manifest = prepare([str(tmp_path)], str(tmp_path / "ds"), PrepareOptions(run_length=20), log=messages.append)
+    manifest = prepare([str(tmp_path / "c")], str(tmp_path / "ds"), PrepareOptions(run_length=20), log=messages.append)
     assert any("skipping binary file" in m and "image.bin" in m for m in messages)
-    assert [s["uri"] for s in manifest["sources"]] == [f"{tmp_path}/text.txt"]
-    assert manifest["skipped"][0]["uri"] == f"{tmp_path}/image.bin"
+    assert [s["uri"] for s in manifest["sources"]] == [f"{tmp_path}/c/text.txt"]
+    assert manifest["skipped"][0]["uri"] == f"{tmp_path}/c/image.bin"
 
 
 def test_only_binary_files_is_an_error(ray_local, tmp_path):
-    write_corpus(tmp_path, {"a.bin": b"\x00\x01"})
+    write_corpus(tmp_path / "c", {"a.bin": b"\x00\x01"})
     with pytest.raises(CorpusError, match="every file is binary"):
-        prepare([str(tmp_path)], str(tmp_path / "ds"), **QUIET)
+        prepare([str(tmp_path / "c")], str(tmp_path / "ds"), **QUIET)
 
 
 def test_empty_corpus_is_an_error(ray_local, tmp_path):
-    write_corpus(tmp_path, {"empty1.txt": b"", "sub/empty2.txt": b""})
+    write_corpus(tmp_path / "c", {"empty1.txt": b"", "sub/empty2.txt": b""})
     with pytest.raises(CorpusError, match="the corpus is empty"):
-        prepare([str(tmp_path)], str(tmp_path / "ds"), **QUIET)
+        prepare([str(tmp_path / "c")], str(tmp_path / "ds"), **QUIET)
 
 
 def test_missing_path_and_empty_folder_are_named(tmp_path):

@@ -22,7 +22,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import prepare
-from pipeline.publish import MANIFEST
+from pipeline.publish import MANIFEST, check_out_location, out_lock
 from training.config import TrainConfig, TrainingError
 from training.console import quiet_ray_logs
 from training.plot import plot_losses
@@ -50,6 +50,14 @@ def train(data: list[str], out: str, options: dict, resume: bool = False, log: C
     if not verbose:
         quiet_ray_logs()
     run_dir = RunFolder(out)
+    if not resume:
+        check_out_location(run_dir.fs, run_dir.path, out, data)
+    with out_lock(run_dir.fs, run_dir.path, out):
+        return _train(run_dir, out, data, options, resume, log, before_ray, verbose)
+
+
+def _train(run_dir: RunFolder, out: str, data: list[str], options: dict, resume: bool, log: Callable[[str], None],
+           before_ray: Callable[[], None], verbose: bool) -> dict:
     checkpoint = run_dir.latest_checkpoint_step(TRAINER_STATE)
     saved_text = run_dir.read_text(RUN_FILE)
     if resume:
@@ -66,6 +74,9 @@ def train(data: list[str], out: str, options: dict, resume: bool = False, log: C
         data = saved["data"]
     elif checkpoint is not None or saved_text is not None:
         raise TrainingError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+    elif not run_dir.is_empty():
+        raise TrainingError(f"--out {out} is a non-empty folder that is not a charrnn run (no {RUN_FILE}); "
+                            f"choose a new or empty folder")
     else:
         options = {**(SERIES_DEFAULTS if options.get("task") == "series" else {}), **options}
     config = TrainConfig.from_json(options)

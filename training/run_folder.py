@@ -68,6 +68,10 @@ class RunFolder:
             pafs.copy_files(os.path.join(staging, name), self.path_of(name),
                             source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
+    def is_empty(self) -> bool:
+        """Absent or holding nothing."""
+        return not self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+
     def latest_checkpoint_step(self, state_file: str) -> int | None:
         """The highest step among Ray Train's checkpoints that finished writing `state_file`."""
         found = self.fs.get_file_info(pafs.FileSelector(self.path_of(CHECKPOINTS), allow_not_found=True))
