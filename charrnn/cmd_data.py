@@ -39,12 +39,13 @@ def _add_prepare(sub) -> None:
 
 def _run_prepare(args) -> int:
     from pipeline import PrepareOptions, prepare
+    from pipeline.sources import public_location
 
     errors = args.errors or ("strict" if args.inputs else "replace")
     options = PrepareOptions(min_count=args.min_count, max_vocab=args.max_vocab, val_fraction=args.val_fraction,
                              run_length=args.run_length, range_mb=args.range_mb, errors=errors)
     manifest = prepare(args.inputs, args.out, options, before_ray=lambda: connect(args.address, args.num_cpus, dashboard=False))
-    print(_summary(manifest, args.out))
+    print(_summary(manifest, public_location(args.out)))
     return 0
 
 
@@ -99,6 +100,7 @@ def _add_prepare_series(sub) -> None:
 
 def _run_prepare_series(args) -> int:
     from pipeline import SeriesOptions, prepare_series
+    from pipeline.sources import public_location
 
     columns = tuple(c.strip() for c in args.column.split(",")) if args.column else ()
     options = SeriesOptions(columns=columns, series_id=args.series_id, val_fraction=args.val_fraction,
@@ -106,7 +108,7 @@ def _run_prepare_series(args) -> int:
                             series=args.series, points=args.points)
     manifest = prepare_series(args.inputs, args.out, options,
                               before_ray=lambda: connect(args.address, args.num_cpus, dashboard=False))
-    print(_series_summary(manifest, args.out))
+    print(_series_summary(manifest, public_location(args.out)))
     return 0
 
 

@@ -93,6 +93,7 @@ def _run_serve(args) -> int:
     from deploy.ingress import parse_autoscale
     from deploy.limits import LIMIT_NAMES, limits_for
     from deploy.series_app import build_series_app
+    from pipeline.sources import public_location
 
     try:
         task = source.task(source.resolve(args.model))
@@ -124,7 +125,7 @@ def _run_serve(args) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=APP_NAME, route_prefix="/")
         url = f"http://{args.host}:{args.port}"
-        print(f"charrnn serve: serving {args.model} at {url} "
+        print(f"charrnn serve: serving {public_location(args.model)} at {url} "
               f"({f'autoscaling {args.autoscale}' if autoscale else f'{args.replicas} replica(s)'}); Ctrl-C stops",
               flush=True)
         if task == "series":

@@ -66,6 +66,7 @@ def add_commands(sub) -> None:
 
 
 def _run_train(args) -> int:
+    from pipeline.sources import public_location
     from training.config import TrainConfig
     from training.driver import train
 
@@ -74,5 +75,5 @@ def _run_train(args) -> int:
     summary = train(args.data or [], args.out, options, resume=args.resume,
                     before_ray=lambda: connect(args.address, args.num_cpus), verbose=args.verbose)
     print(f"trained {summary['steps']} steps; best validation loss {summary['best_val_loss']}; "
-          f"model in {summary['model']}")
+          f"model in {public_location(summary['model'])}")
     return 0

@@ -29,6 +29,7 @@ from deploy.decoder import Decoder
 from deploy.ingress import builder_arguments, deployment_options, install_error_handlers, overloaded, read_json
 from deploy.limits import Limits
 from models.generate import bits_per_char
+from pipeline.sources import public_location
 from pipeline.vocab import UNKNOWN_CHAR
 
 logger = logging.getLogger("ray.serve")
@@ -61,7 +62,7 @@ class CharRNNServer:
                                **(decoder or {}))
         cfg = self.model.config
         logger.info("charrnn: serving %s from %s (%s %dx%d, vocab %d) on %s, %d torch threads, min step batch %d",
-                    name, folder, cfg.cell, cfg.layers, cfg.hidden, cfg.vocab_size, device, torch.get_num_threads(),
+                    name, public_location(folder), cfg.cell, cfg.layers, cfg.hidden, cfg.vocab_size, device, torch.get_num_threads(),
                     self.decoder.min_step_batch)
 
     def check_health(self):

@@ -25,6 +25,7 @@ from deploy.api import APIError, parse_forecast
 from deploy.ingress import builder_arguments, deployment_options, install_error_handlers, overloaded, read_json
 from deploy.limits import SeriesLimits
 from models import Normalization, forecast
+from pipeline.sources import public_location
 
 logger = logging.getLogger("ray.serve")
 BATCH_WAIT_S = 0.005  # what a lone request pays for the chance of company; a busy replica batches anyway
@@ -52,7 +53,7 @@ class SeriesServer:
         self.batches = Counter()  # batch size -> models.forecast calls
         cfg = self.model.config
         logger.info("charrnn: serving series model %s from %s (%s %dx%d, columns %s) on %s, %d torch threads",
-                    name, folder, cfg.cell, cfg.layers, cfg.hidden, ", ".join(series["columns"]), device,
+                    name, public_location(folder), cfg.cell, cfg.layers, cfg.hidden, ", ".join(series["columns"]), device,
                     torch.get_num_threads())
 
     @serve.batch(max_batch_size=SeriesLimits.max_concurrent, batch_wait_timeout_s=BATCH_WAIT_S)

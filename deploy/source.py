@@ -10,7 +10,7 @@ from pathlib import Path
 
 from models import ModelFolderError, load_model, load_series_model, model_task
 from models.folder import CONFIG, WEIGHTS
-from pipeline.sources import join_location
+from pipeline.sources import join_location, public_location
 from pipeline.vocab import Vocabulary
 
 
@@ -35,17 +35,18 @@ def resolve(location: str) -> str:
     try:
         fs, path = pafs.FileSystem.from_uri(location)
     except (ValueError, OSError) as err:
-        raise ModelFolderError(f"cannot open {location}: {err}") from None
+        raise ModelFolderError(f"cannot open {public_location(location)}: {err}") from None
     path = path.rstrip("/")
     for folder in (path, f"{path}/model"):
         if fs.get_file_info(f"{folder}/{CONFIG}").type == pafs.FileType.File:
             return location if folder == path else join_location(location, "model")
-    raise ModelFolderError(f"{location} is neither a model folder nor a run folder: no {CONFIG} in it or in its model/")
+    raise ModelFolderError(f"{public_location(location)} is neither a model folder nor a run folder: no {CONFIG} in "
+                           f"it or in its model/")
 
 
 def default_name(folder: str) -> str:
     """The name clients use for the model: the run folder's name (or the model folder's, outside one)."""
-    parts = folder.rstrip("/").split("/")
+    parts = public_location(folder).rstrip("/").split("/")
     return parts[-2] if parts[-1] == "model" and len(parts) > 1 and parts[-2] else parts[-1]
 
 
@@ -56,7 +57,7 @@ def load(folder: str, device: str = "cpu"):
         try:
             return model, Vocabulary.from_json(vocab), info
         except (KeyError, TypeError, ValueError) as err:
-            raise ModelFolderError(f"{folder}: invalid vocabulary: {err}") from None
+            raise ModelFolderError(f"{public_location(folder)}: invalid vocabulary: {err}") from None
 
 
 def load_series(folder: str, device: str = "cpu"):
@@ -88,5 +89,5 @@ def _local(folder: str):
                     while chunk := src.read(1 << 24):
                         dst.write(chunk)
             except OSError as err:
-                raise ModelFolderError(f"{folder}: cannot read {name}: {err}") from None
+                raise ModelFolderError(f"{public_location(folder)}: cannot read {name}: {err}") from None
         yield tmp

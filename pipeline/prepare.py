@@ -141,7 +141,7 @@ def _count_batch(batch: pa.Table, errors: str) -> pa.Table:
 def _drop_binary_files(sources, ranges, log):
     binary = sorted({r["source"] for r in ranges if r["has_nul"]})
     for index in binary:
-        log(f"warning: skipping binary file {sources[index].uri} (contains NUL bytes)")
+        log(f"warning: skipping binary file {sources[index].shown} (contains NUL bytes)")
     if not binary:
         return sources, ranges, []
     kept = [i for i in range(len(sources)) if i not in set(binary)]
@@ -149,7 +149,7 @@ def _drop_binary_files(sources, ranges, log):
         raise CorpusError("no text in the corpus: every file is binary (contains NUL bytes)")
     new_index = {old: new for new, old in enumerate(kept)}
     ranges = [dict(r, source=new_index[r["source"]]) for r in ranges if r["source"] in new_index]
-    skipped = [{"uri": sources[i].uri, "size": sources[i].size, "reason": "binary (NUL bytes)"} for i in binary]
+    skipped = [{"uri": sources[i].shown, "size": sources[i].size, "reason": "binary (NUL bytes)"} for i in binary]
     return [sources[i] for i in kept], ranges, skipped
 
 
@@ -157,7 +157,7 @@ def _raise_on_invalid_utf8(sources, ranges) -> None:
     for r in ranges:
         if r["bad_offset"] >= 0:
             offset = r["byte_start"] + r["bad_offset"]
-            raise CorpusError(f"invalid UTF-8 in {sources[r['source']].uri} at byte {offset} "
+            raise CorpusError(f"invalid UTF-8 in {sources[r['source']].shown} at byte {offset} "
                               "(--errors replace substitutes U+FFFD)")
 
 
@@ -269,7 +269,7 @@ def _manifest(sources, ranges, skipped, vocab, shards, run_plan, options) -> dic
         "splits": splits,
         "totals": {"files": len(sources), "bytes": sum(s.size for s in sources),
                    "chars": sum(chars_per_source.values()), "runs": run_plan.total, "replaced_chars": replaced},
-        "sources": [{"uri": s.uri, "size": s.size, "chars": chars_per_source[i]} for i, s in enumerate(sources)],
+        "sources": [{"uri": s.shown, "size": s.size, "chars": chars_per_source[i]} for i, s in enumerate(sources)],
         "skipped": skipped,
         "options": asdict(options),
     }

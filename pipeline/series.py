@@ -361,7 +361,7 @@ def _manifest(options, files, rows, keys, counts, shards, normalization, synthet
         "normalization": normalization,
         "splits": splits,
         "totals": {"files": len(files), "rows": sum(counts), "series": len(keys)},
-        "sources": [{"uri": f.uri, "size": f.size, "rows": n} for f, n in zip(files, rows)],
+        "sources": [{"uri": f.shown, "size": f.size, "rows": n} for f, n in zip(files, rows)],
         "synthetic": synthetic,
         "options": {**asdict(options), "columns": list(options.columns)},  # as the file will read back
     }

@@ -45,9 +45,9 @@ def is_series_file(path: str) -> bool:
 def check_readable(source: SourceFile) -> None:
     """What can be said without reading the file: its kind and that it is not empty."""
     if not is_series_file(source.path):
-        raise CorpusError(f"{source.uri} is not a CSV or Parquet file (expected .csv or .parquet)")
+        raise CorpusError(f"{source.shown} is not a CSV or Parquet file (expected .csv or .parquet)")
     if source.size == 0:
-        raise CorpusError(f"{source.uri} is empty")
+        raise CorpusError(f"{source.shown} is empty")
 
 
 def file_columns(source: SourceFile) -> list[str]:
@@ -67,7 +67,7 @@ def require_columns(source: SourceFile, needed: list[str]) -> None:
     present = file_columns(source)
     for name in needed:
         if name not in present:
-            raise CorpusError(f"{source.uri} has no column {name!r} (its columns: {', '.join(present)})")
+            raise CorpusError(f"{source.shown} has no column {name!r} (its columns: {', '.join(present)})")
 
 
 def read_file_chunks(source: SourceFile, columns: list[str], series_id: Optional[str] = None
@@ -90,7 +90,7 @@ def read_file_chunks(source: SourceFile, columns: list[str], series_id: Optional
     except (pa.ArrowInvalid, OSError) as err:  # a ragged CSV line, a damaged Parquet page, a lost connection
         raise _unreadable(source, err) from None
     if row == 0:
-        raise CorpusError(f"{source.uri} has no rows")
+        raise CorpusError(f"{source.shown} has no rows")
 
 
 def read_points(uri: str, columns: list[str]) -> np.ndarray:
@@ -110,7 +110,7 @@ def read_points(uri: str, columns: list[str]) -> np.ndarray:
 def _unreadable(source: SourceFile, err: Exception) -> CorpusError:
     kind = "CSV" if source.path.lower().endswith(".csv") else "Parquet"
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return CorpusError(f"{source.uri} is not a readable {kind} file: {reason}")
+    return CorpusError(f"{source.shown} is not a readable {kind} file: {reason}")
 
 
 def _batches(source: SourceFile, needed: list[str]) -> Iterator[pa.RecordBatch]:

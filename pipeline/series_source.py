@@ -40,7 +40,7 @@ class SeriesFileDatasource(Datasource):
         tasks = []
         for indices in self._tasks:
             meta = BlockMetadata(num_rows=None, size_bytes=sum(self._files[i].size for i in indices),
-                                 exec_stats=None, input_files=tuple(self._files[i].uri for i in indices))
+                                 exec_stats=None, input_files=tuple(self._files[i].shown for i in indices))
             tasks.append(ReadTask(self._reader(indices), meta, schema=CHUNK_SCHEMA))
         return tasks
 

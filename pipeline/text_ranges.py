@@ -108,7 +108,7 @@ class TextRangeDatasource(Datasource):
                 num_rows=len(pieces),
                 size_bytes=sum(p.end - p.start for p in pieces),
                 exec_stats=None,
-                input_files=tuple(sorted({s.uri for s in sources.values()})),
+                input_files=tuple(sorted({s.shown for s in sources.values()})),
             )
             read_tasks.append(ReadTask(_make_reader(pieces, sources), meta, schema=RANGE_SCHEMA))
         return read_tasks

@@ -42,11 +42,12 @@ def test_train_resume_and_load_from_s3(bucket, tmp_path):
     # Raw text: train prepares it into RUN_DIR/data, on the store too.
     first = run_cli("train", "--data", tmp_path / "story.txt", "--out", uri("run"), "--max-steps", "30", *TINY)
     assert first.returncode == 0, first.stderr
-    assert f"model in {uri('run/model')}" in first.stdout
+    # Shown and stored without the query (endpoint, keys): --resume takes it from --out again.
+    assert "model in s3://charrnn/run/model\n" in first.stdout and "endpoint_override" not in first.stdout + first.stderr
     assert run_cli("verify", uri("run/data")).returncode == 0
     records = [json.loads(l) for l in _read(fs, "charrnn/run/metrics.jsonl").splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 31))
-    assert json.loads(_read(fs, "charrnn/run/run.json"))["data"] == [uri("run/data")]
+    assert json.loads(_read(fs, "charrnn/run/run.json"))["data"] == ["s3://charrnn/run/data"]
     assert _read(fs, "charrnn/run/model/config.json")
     with fs.open_input_stream("charrnn/run/loss.png") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -65,10 +66,30 @@ def test_train_resume_and_load_from_s3(bucket, tmp_path):
     assert model_folder == uri("run/model")
     model, vocab, info = source.load(model_folder)
     assert info["step"] == 45 and vocab.size > 20
+    assert source.default_name(model_folder) == "run"
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector("charrnn/run", recursive=True))
+             if i.type == pafs.FileType.File and i.size < 1 << 20]
+    assert not [f for f in files if b"endpoint_override" in fs.open_input_stream(f).read()]
 
     # A fresh run never takes over a run folder on the store either.
     taken = run_cli("train", "--data", tmp_path / "story.txt", "--out", uri("run"), "--max-steps", "1", *TINY)
     assert "already holds a run" in error_line(taken)
+
+
+def test_credentials_and_queries_are_never_shown_or_stored(bucket, tmp_path):
+    uri, fs = bucket
+    secret = uri("src/story.txt").replace("s3://", "s3://testing:testing@")
+    with fs.open_output_stream("charrnn/src/story.txt") as f:
+        f.write(b"a short story about a dog and a cat.\n" * 500)
+    result = run_cli("prepare", secret, "--out", uri("from-s3"), "--num-cpus", "1")
+    assert result.returncode == 0, result.stderr
+    manifest = _read(fs, "charrnn/from-s3/manifest.json")
+    assert json.loads(manifest)["sources"][0]["uri"] == "s3://charrnn/src/story.txt"
+    for text in (manifest, result.stdout, result.stderr):
+        assert "endpoint_override" not in text and "testing:testing" not in text
+    missing = run_cli("prepare", secret.replace("story", "nope"), "--out", uri("x"), "--num-cpus", "1")
+    assert "input not found: s3://charrnn/src/nope.txt" in error_line(missing)
+    assert "endpoint_override" not in missing.stderr and "testing:testing" not in missing.stderr
 
 
 def test_prepare_replaces_a_dataset_on_s3_whole(bucket, tmp_path):

@@ -23,6 +23,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import prepare
 from pipeline.publish import MANIFEST, check_out_location, out_lock
+from pipeline.sources import public_location, redact_uris, with_access_of
 from training.config import TrainConfig, TrainingError
 from training.console import quiet_ray_logs
 from training.plot import plot_losses
@@ -71,7 +72,7 @@ def _train(run_dir: RunFolder, out: str, data: list[str], options: dict, resume:
         if checkpoint is None:
             log(f"--resume: {out} has no checkpoint yet; starting from step 0")
         options = {**saved["train"], **options}
-        data = saved["data"]
+        data = [with_access_of(d, out) for d in saved["data"]]  # stored without the query: the --out URI's
     elif checkpoint is not None or saved_text is not None:
         raise TrainingError(f"{out} already holds a run; use --resume to continue it or choose another --out")
     elif not run_dir.is_empty():
@@ -90,10 +91,11 @@ def _train(run_dir: RunFolder, out: str, data: list[str], options: dict, resume:
     elif task.name == "series":
         raise TrainingError(f"--task series needs a dataset prepared by charrnn prepare-series; {data[0]} is not one")
     else:
-        log(f"preparing {' '.join(data)} into {run_dir.uri('data')}")
+        log(redact_uris(f"preparing {' '.join(data)} into {run_dir.uri('data')}"))
         prepare(data, run_dir.uri("data"), log=log, before_ray=before_ray)
         dataset = task.open(run_dir.uri("data"))
-    run_dir.write_text(RUN_FILE, json.dumps({"data": [dataset.location], "train": config.to_json()}, indent=1))
+    run_dir.write_text(RUN_FILE, json.dumps({"data": [public_location(dataset.location)], "train": config.to_json()},
+                                            indent=1))
 
     job = task.job(dataset, config)
     train_points = job["train_points"]
@@ -115,7 +117,8 @@ def _train(run_dir: RunFolder, out: str, data: list[str], options: dict, resume:
         # --resume: a run started again in the same RUN_DIR/ray resumes from Train's own record of its
         # latest checkpoint.
         run_config=ray.train.RunConfig(
-            name=CHECKPOINTS, storage_path=run_dir.location,
+            # The folder inside its filesystem, not the URI: Ray keeps no endpoint or key in its records.
+            name=CHECKPOINTS, storage_path=run_dir.path, storage_filesystem=None if run_dir.is_local else run_dir.fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Train's print patch would echo each worker line a second time through its logger.
