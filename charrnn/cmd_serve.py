@@ -10,6 +10,7 @@ import time
 from charrnn.ray_session import add_address_option, connect
 
 APP_NAME = "charrnn"
+API_KEY_ENV = "CHARRNN_API_KEY"
 
 
 def add_commands(sub) -> None:
@@ -37,6 +38,7 @@ def add_commands(sub) -> None:
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: --cpus-per-replica)")
     p.add_argument("--name", default=None, help="the model's name in the API (default: the run folder's name)")
+    _add_api_key_option(p, "every /v1 route then needs Authorization: Bearer KEY (401 otherwise); /healthz stays open")
     limits = p.add_argument_group("limits (per request, and per replica)")
     limits.add_argument("--max-prime-chars", type=int, default=d.max_prime_chars,
                         help=f"characters in a prime or prompt (default {d.max_prime_chars})")
@@ -72,7 +74,14 @@ def add_commands(sub) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop before this string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server (default 300)")
+    _add_api_key_option(p, "for a server started with one")
     p.set_defaults(run=_run_query)
+
+
+def _add_api_key_option(p, what: str) -> None:
+    # The environment variable first: a key on the command line is visible to every user in `ps`.
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
+                   help=f"API key (default: ${API_KEY_ENV}, which keeps it out of `ps`): {what}")
 
 
 def _fail(command: str, message: str) -> int:
@@ -90,7 +99,7 @@ def _run_serve(args) -> int:
 
     from deploy import source
     from deploy.app import build_app
-    from deploy.ingress import parse_autoscale
+    from deploy.ingress import api_key_digest, parse_autoscale
     from deploy.limits import LIMIT_NAMES, limits_for
     from deploy.series_app import build_series_app
     from pipeline.sources import public_location
@@ -103,7 +112,8 @@ def _run_serve(args) -> int:
             raise ValueError(f"--port must be in 1..65535, got {args.port}")
         app = (build_series_app if task == "series" else build_app)(
             args.model, name=args.name, replicas=args.replicas, autoscale=autoscale, target_ongoing=args.target_ongoing,
-            gpu=args.gpu, num_cpus=args.cpus_per_replica, threads=args.threads, limits=limits)
+            gpu=args.gpu, num_cpus=args.cpus_per_replica, threads=args.threads, limits=limits,
+            api_key_sha256=api_key_digest(args.api_key) if args.api_key else None)
     except ValueError as err:  # ModelFolderError is one too: it names the folder
         return _fail("serve", str(err))
     local = args.address is None and not os.environ.get("RAY_ADDRESS")  # inside `ray job submit`: a cluster
@@ -128,10 +138,12 @@ def _run_serve(args) -> int:
         print(f"charrnn serve: serving {public_location(args.model)} at {url} "
               f"({f'autoscaling {args.autoscale}' if autoscale else f'{args.replicas} replica(s)'}); Ctrl-C stops",
               flush=True)
+        curl = "curl -s -H 'Content-Type: application/json'" + \
+            (f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if args.api_key else "")
         if task == "series":
-            print(f"  curl -s {url}/v1/forecast -d '{{\"history\": [0.0, 0.1, 0.2], \"steps\": 10}}'", flush=True)
+            print(f"  {curl} {url}/v1/forecast -d '{{\"history\": [0.0, 0.1, 0.2], \"steps\": 10}}'", flush=True)
         else:
-            print(f"  curl -s {url}/v1/generate -d '{{\"prime\": \"The \", \"max_chars\": 200, \"seed\": 1}}'\n"
+            print(f"  {curl} {url}/v1/generate -d '{{\"prime\": \"The \", \"max_chars\": 200, \"seed\": 1}}'\n"
                   f"  charrnn query --url {url} --prime 'The ' --stream", flush=True)
         while True:
             time.sleep(3600)
@@ -153,7 +165,7 @@ def _run_query(args) -> int:
 
     from deploy.client import CharRNNClient, ServerError
 
-    client = CharRNNClient(args.url, timeout=args.timeout)
+    client = CharRNNClient(args.url, timeout=args.timeout, api_key=args.api_key)
     options = dict(max_chars=args.max_chars, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, stop=args.stop)
     try:

@@ -27,8 +27,9 @@ OPENAI_OFF = {"suffix": (None, ""), "logprobs": (None, 0), "presence_penalty": (
 
 class APIError(Exception):
     """An error answer: HTTP `status` and the body {"error": {"message", "type", "param"}}."""
-    TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-             413: "request_too_large", 422: "invalid_request_error", 429: "overloaded_error",
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             405: "invalid_request_error", 413: "request_too_large", 415: "invalid_request_error",
+             422: "invalid_request_error", 429: "overloaded_error",
              500: "internal_error", 503: "unavailable_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):

@@ -26,7 +26,8 @@ from ray import serve
 from deploy import series_app, source
 from deploy.api import APIError, parse_completion, parse_generate, parse_score
 from deploy.decoder import Decoder
-from deploy.ingress import builder_arguments, deployment_options, install_error_handlers, overloaded, read_json
+from deploy.ingress import (authorize, builder_arguments, deployment_options, install_error_handlers, overloaded,
+                            read_json)
 from deploy.limits import Limits
 from models.generate import bits_per_char
 from pipeline.sources import public_location
@@ -51,13 +52,14 @@ def _openai_reason(seq) -> str:
 @serve.ingress(api)
 class CharRNNServer:
     def __init__(self, folder: str, name: str, limits: Limits, device: str = "cpu", threads: int | None = None,
-                 decoder: dict | None = None):
+                 decoder: dict | None = None, api_key_sha256: str | None = None):
         if threads:
             torch.set_num_threads(threads)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("--gpu: this replica sees no CUDA device")
         self.model, self.vocab, _ = source.load(folder, device)
         self.name, self.limits, self.created = name, limits, int(time.time())
+        self.api_key_sha256 = api_key_sha256
         self.decoder = Decoder(self.model, self.vocab.chars + [UNKNOWN_CHAR], max_batch=limits.max_concurrent,
                                **(decoder or {}))
         cfg = self.model.config
@@ -75,6 +77,7 @@ class CharRNNServer:
     # -- helpers ------------------------------------------------------------------------------------
 
     async def _json(self, request: Request) -> dict:
+        authorize(request, self.api_key_sha256)
         return await read_json(request, self.limits.max_body_bytes)
 
     def _admit(self, sequences: int) -> None:
@@ -130,14 +133,16 @@ class CharRNNServer:
         return {"status": "ok", "model": self.name, "stats": self.decoder.stats()}
 
     @api.get("/v1/stats")
-    async def stats(self):
+    async def stats(self, request: Request):
+        authorize(request, self.api_key_sha256)
         cfg = self.model.config
         return {"model": self.name, "network": cfg.to_json(), "device": str(self.decoder.device),
                 "threads": torch.get_num_threads(), "limits": dataclasses.asdict(self.limits),
                 "decoder": self.decoder.stats()}
 
     @api.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        authorize(request, self.api_key_sha256)
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
                                             "owned_by": "charrnn"}]}
 
@@ -216,16 +221,19 @@ class CharRNNServer:
 
 def build_app(model: str, *, name: str | None = None, replicas: int = 1, autoscale: tuple[int, int] | None = None,
               target_ongoing: float | None = None, gpu: bool = False, num_cpus: float = 1.0,
-              threads: int | None = None, limits: Limits | dict | None = None, decoder: dict | None = None):
+              threads: int | None = None, limits: Limits | dict | None = None, decoder: dict | None = None,
+              api_key_sha256: str | None = None):
     """The bound application serving the model folder or run folder `model` (a path or a pyarrow.fs
     URI). `replicas` fixed, or `autoscale` (min, max) aiming at `target_ongoing` requests per replica
     (default: half of max_concurrent). `gpu`: one GPU per replica. `threads`: torch threads per
-    replica (default: its `num_cpus`). `decoder`: Decoder options (flush_chars, log_interval_s, ...)."""
+    replica (default: its `num_cpus`). `decoder`: Decoder options (flush_chars, log_interval_s, ...).
+    `api_key_sha256`: every /v1 route then needs the key whose digest it is (ingress.api_key_digest)."""
     folder = source.resolve(model)
     limits = limits if isinstance(limits, Limits) else Limits(**(limits or {}))
     options = deployment_options(limits, replicas, autoscale, target_ongoing, gpu, num_cpus)
     return CharRNNServer.options(**options).bind(folder, name or source.default_name(folder), limits,
-                                                 "cuda" if gpu else "cpu", threads or max(1, int(num_cpus)), decoder)
+                                                 "cuda" if gpu else "cpu", threads or max(1, int(num_cpus)), decoder,
+                                                 api_key_sha256)
 
 
 def app_builder(args: dict):

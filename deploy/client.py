@@ -24,9 +24,12 @@ class ServerError(Exception):
 
 class CharRNNClient:
     def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 300.0,
-                 session: requests.Session | None = None):
+                 session: requests.Session | None = None, api_key: str | None = None):
+        """`api_key`: for a server started with one (sent as Authorization: Bearer)."""
         self.url, self.timeout = url.rstrip("/"), timeout
         self.session = session or requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
         self.last: dict | None = None  # stream(): the final event (finish_reason, chars, seed)
 
     def _request(self, method: str, path: str, body: dict | None = None, stream: bool = False) -> requests.Response:

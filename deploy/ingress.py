@@ -3,6 +3,8 @@ every error in the API's JSON shape, reading a body under the size limit, the de
 options, and the arguments of a Serve config file's application."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 
 from fastapi import FastAPI, Request
@@ -48,9 +50,31 @@ def install_error_handlers(api: FastAPI) -> None:
         return error_response(APIError(500, f"internal error: {type(err).__name__}"))
 
 
+def api_key_digest(key: str) -> str:
+    """What a replica keeps of the API key: its SHA-256, so no config, actor argument or dashboard
+    ever holds the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def authorize(request: Request, key_digest: str | None) -> None:
+    """With an API key set, every /v1 route needs `Authorization: Bearer KEY` (401 otherwise)."""
+    if key_digest is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(api_key_digest(token.strip()), key_digest):
+        raise APIError(401, "a valid API key is required: send Authorization: Bearer KEY",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
 async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object, refused (413) as soon as it is known to be over `limit` bytes:
-    from Content-Length when there is one, else while it streams in."""
+    """The body as a JSON object. Only `Content-Type: application/json` (415 otherwise): a web page
+    can send a text/plain or form body to a local server without asking, never a JSON one. Refused
+    (413) as soon as it is known to be over `limit` bytes: from Content-Length when there is one,
+    else while it streams in."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"the request body must be JSON sent as Content-Type: application/json, "
+                            f"got {media_type or 'no Content-Type'}")
     too_large = APIError(413, f"the request body is larger than the limit of {limit} bytes")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
@@ -107,7 +131,7 @@ def builder_arguments(args: dict, task: str, extra: dict | None = None) -> dict:
     if "model" not in args:
         raise ValueError("the application needs a 'model' argument: a run folder, model folder or URI")
     limits = {k: int(args.pop(k)) for k in list(args) if k in LIMIT_NAMES}
-    kinds = {"model": str, "name": str, "replicas": int, "target_ongoing": float, "gpu": _boolean,
+    kinds = {"model": str, "name": str, "api_key_sha256": str, "replicas": int, "target_ongoing": float, "gpu": _boolean,
              "num_cpus": float, "threads": int, "autoscale": parse_autoscale, **(extra or {})}
     unknown = sorted(set(args) - set(kinds))
     if unknown:

@@ -22,7 +22,8 @@ from ray import serve
 
 from deploy import source
 from deploy.api import APIError, parse_forecast
-from deploy.ingress import builder_arguments, deployment_options, install_error_handlers, overloaded, read_json
+from deploy.ingress import (authorize, builder_arguments, deployment_options, install_error_handlers, overloaded,
+                            read_json)
 from deploy.limits import SeriesLimits
 from models import Normalization, forecast
 from pipeline.sources import public_location
@@ -38,7 +39,7 @@ install_error_handlers(api)
 @serve.ingress(api)
 class SeriesServer:
     def __init__(self, folder: str, name: str, limits: SeriesLimits, device: str = "cpu", threads: int | None = None,
-                 batch_wait_s: float = BATCH_WAIT_S):
+                 batch_wait_s: float = BATCH_WAIT_S, api_key_sha256: str | None = None):
         if threads:
             torch.set_num_threads(threads)
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -46,6 +47,7 @@ class SeriesServer:
         self.model, series, _ = source.load_series(folder, device)
         self.normalization = Normalization(series["mean"], series["std"])
         self.name, self.limits, self.created = name, limits, int(time.time())
+        self.api_key_sha256 = api_key_sha256
         # The decorator's values are the defaults; this replica's limits replace them.
         self._forecast_batch.set_max_batch_size(limits.max_concurrent)
         self._forecast_batch.set_batch_wait_timeout_s(batch_wait_s)
@@ -75,12 +77,14 @@ class SeriesServer:
         return {"status": "ok", "model": self.name, "stats": self._stats()}
 
     @api.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        authorize(request, self.api_key_sha256)
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
                                             "owned_by": "charrnn"}]}
 
     @api.post("/v1/forecast")
     async def forecast(self, request: Request):
+        authorize(request, self.api_key_sha256)
         req = parse_forecast(await read_json(request, self.limits.max_body_bytes), self.limits,
                              self.model.config.features)
         capacity = self.limits.max_concurrent + self.limits.max_queued
@@ -102,7 +106,7 @@ class SeriesServer:
 def build_series_app(model: str, *, name: str | None = None, replicas: int = 1,
                      autoscale: tuple[int, int] | None = None, target_ongoing: float | None = None, gpu: bool = False,
                      num_cpus: float = 1.0, threads: int | None = None, limits: SeriesLimits | dict | None = None,
-                     batch_wait_s: float = BATCH_WAIT_S):
+                     batch_wait_s: float = BATCH_WAIT_S, api_key_sha256: str | None = None):
     """The bound application serving the time-series model folder or run folder `model` (a path or a
     pyarrow.fs URI); the options are build_app's (deploy/app.py). `batch_wait_s`: how long a request
     waits for others to join its batch."""
@@ -111,7 +115,7 @@ def build_series_app(model: str, *, name: str | None = None, replicas: int = 1,
     options = deployment_options(limits, replicas, autoscale, target_ongoing, gpu, num_cpus)
     return SeriesServer.options(**options).bind(folder, name or source.default_name(folder), limits,
                                                 "cuda" if gpu else "cpu", threads or max(1, int(num_cpus)),
-                                                batch_wait_s)
+                                                batch_wait_s, api_key_sha256)
 
 
 def app_builder(args: dict):

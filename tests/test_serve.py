@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import REPO, free_port, run_cli, write_story_corpus
+from conftest import REPO, error_line, free_port, run_cli, write_story_corpus
 from deploy.decoder import Decoder, Sampling, Sequence
 from models import CharRNN, ModelConfig, load_model, save_model, score
 from pipeline.vocab import Vocabulary
@@ -264,9 +264,11 @@ def server(ray_local, run_dir):
         serve.shutdown()
 
 
-def post(url, path, body, **kw) -> requests.Response:
+def post(url, path, body, headers=None, **kw) -> requests.Response:
+    """`body` (an object, or raw JSON text) sent as a JSON client sends it."""
     data = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return requests.post(url + path, data=data, timeout=120, **kw)
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    return requests.post(url + path, data=data, headers=headers, timeout=120, **kw)
 
 
 def sse(response: requests.Response) -> list:
@@ -472,6 +474,19 @@ def test_body_limit_unknown_route_and_method(server):
     assert requests.get(server + "/healthz", timeout=30).status_code == 200  # still serving
 
 
+def test_only_json_bodies_are_read(server):
+    """A web page can post text/plain, a form or multipart to 127.0.0.1 without a CORS preflight."""
+    body = json.dumps({"prime": PRIME, "max_chars": 5, "seed": 1})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        for path in ("/v1/generate", "/v1/completions", "/v1/score"):
+            r = requests.post(server + path, data=body, timeout=60,
+                              headers={"Content-Type": content_type} if content_type else {})
+            assert r.status_code == 415, (path, content_type, r.text)
+            assert r.json()["error"]["type"] == "invalid_request_error"
+    ok = post(server, "/v1/generate", body, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
 def test_overload_is_429_with_retry_after(server):
     """The tight app decodes one sequence and queues none: a second request while one streams is refused."""
     url = server + "/tight"
@@ -593,7 +608,8 @@ def test_serve_cli_rejects_bad_options(run_dir, capsys, args, words):
 def test_serve_cli_end_to_end(run_dir):
     """`charrnn serve` in its own process (its own local Ray): answers, then stops cleanly on SIGINT."""
     port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    key = "s3cret-Key-0123"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CHARRNN_API_KEY=key)
     proc = subprocess.Popen([sys.executable, "-m", "charrnn", "serve", "--model", str(run_dir), "--port", str(port),
                              "--num-cpus", "1", "--max-chars", "100"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -607,10 +623,21 @@ def test_serve_cli_end_to_end(run_dir):
             assert time.time() < deadline, "charrnn serve did not come up"
             time.sleep(0.5)
         url = f"http://127.0.0.1:{port}"
-        assert f"at {url}" in out[0] and "curl" in "".join(out)
-        query = run_cli("query", "--url", url, "--prime", "Anna", "--max-chars", 30, "--seed", 1, timeout=120)
+        assert f"at {url}" in out[0] and "Authorization: Bearer $CHARRNN_API_KEY" in "".join(out)
+        query = run_cli("query", "--url", url, "--prime", "Anna", "--max-chars", 30, "--seed", 1, "--api-key", key,
+                        timeout=120)
         assert query.returncode == 0 and len(query.stdout) == len("Anna") + 30 + 1, query.stderr
-        assert post(url, "/v1/generate", {"prime": "Anna", "max_chars": 101}).status_code == 422
+        bearer = {"Authorization": f"Bearer {key}"}
+        assert post(url, "/v1/generate", {"prime": "Anna", "max_chars": 101}, headers=bearer).status_code == 422
+        # The key is asked on every /v1 route, before the body is read; /healthz stays open for probes.
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+            for r in (post(url, "/v1/generate", {"prime": "Anna"}, headers=headers),
+                      requests.get(url + "/v1/models", headers=headers, timeout=60),
+                      requests.get(url + "/v1/stats", headers=headers, timeout=60)):
+                assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", r.text
+                assert r.json()["error"]["type"] == "authentication_error"
+        assert requests.get(url + "/healthz", timeout=60).status_code == 200
+        assert "HTTP 401" in error_line(run_cli("query", "--url", url, timeout=120))
         ip = outside_ip()
         if ip is not None:
             assert refuses(ip, port)
@@ -621,5 +648,7 @@ def test_serve_cli_end_to_end(run_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    assert code == 0, proc.stderr.read()
+    errors = proc.stderr.read()
+    assert code == 0, errors
+    assert key not in "".join(out) + errors
     assert refuses("127.0.0.1", port)

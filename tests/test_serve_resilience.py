@@ -202,7 +202,7 @@ class Load:
         while not self.stop.is_set():
             start = time.monotonic()
             try:
-                r = session.post(self.url + "/v1/generate", data=json.dumps({**BODY, "seed": i * 100_000 + n}),
+                r = session.post(self.url + "/v1/generate", json={**BODY, "seed": i * 100_000 + n},
                                  timeout=TIMEOUT_S)
                 result = (r.status_code, r.headers.get("Retry-After"), r.text[:300])
             except requests.RequestException as err:

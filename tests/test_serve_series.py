@@ -95,9 +95,11 @@ def server(ray_local, runs):
         serve.shutdown()
 
 
-def post(url, path, body, **kw) -> requests.Response:
+def post(url, path, body, headers=None, **kw) -> requests.Response:
+    """`body` (an object, or raw JSON text) sent as a JSON client sends it."""
     data = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return requests.post(url + path, data=data, timeout=120, **kw)
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    return requests.post(url + path, data=data, headers=headers, timeout=120, **kw)
 
 
 def test_forecast_tracks_the_sine_and_matches_models_forecast(server, runs):
