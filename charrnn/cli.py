@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from charrnn.ray_session import stop_on_sigterm
 from charrnn import cmd_data, cmd_forecast, cmd_model, cmd_quickstart, cmd_serve, cmd_submit, cmd_train
 
 
@@ -30,6 +31,7 @@ def _is_user_error(err: Exception) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    stop_on_sigterm()
     try:
         code = args.run(args)
     except KeyboardInterrupt:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-import signal
 import socket
 import sys
 import time
 from pathlib import Path
 
-from charrnn.ray_session import add_address_option, connect
+from charrnn.cmd_serve import AppTaken, add_app_options, deploy_app, remove_app
+from charrnn.ray_session import add_address_option, connect, is_local
 
 # A model that learns the look of Python source within minutes on two CPU cores.
 TRAIN_OPTIONS = dict(layers=2, hidden=256, dropout=0.1, batch=32, seq=100, lr=2e-3,
@@ -35,6 +35,7 @@ def add_commands(sub) -> None:
     p.add_argument("--samples", type=int, default=3, help="samples to print (default 3)")
     p.add_argument("--sample-chars", type=int, default=300, help="characters per sample (default 300)")
     p.add_argument("--keep-serving", action="store_true", help="keep serving after the samples, until Ctrl-C")
+    add_app_options(p)
     add_address_option(p)
     p.set_defaults(run=_run_quickstart)
 
@@ -57,7 +58,6 @@ def _run_quickstart(args) -> int:
     out, started = Path(args.out), time.monotonic()
     run_dir = next(out / f"run-{n}" for n in range(1, 10**6) if not (out / f"run-{n}").exists())
     say = lambda message: print(f"[quickstart {time.monotonic() - started:5.0f}s] {message}", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)
     connect(args.address, args.num_cpus)
 
     say(f"1/4 preparing {' '.join(args.corpus) or 'the standard library'} into {out / 'data'}")
@@ -71,12 +71,18 @@ def _run_quickstart(args) -> int:
                     {**TRAIN_OPTIONS, "hidden": args.hidden, "max_minutes": args.minutes}, log=say)
     model = Path(summary["model"])
 
-    say(f"3/4 serving {model} on http://127.0.0.1:{args.port}")
+    url = f"http://127.0.0.1:{args.port}{args.route_prefix.rstrip('/')}"
+    say(f"3/4 serving {model} on {url}")
     quiet = {"log_level": "WARNING", "enable_access_log": False}  # the samples, not Serve's logs, are the show
     serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=quiet)
+    deployed = False
     try:
-        serve.run(build_app(str(model)), name="charrnn", route_prefix="/", logging_config=quiet)
-        client = CharRNNClient(f"http://127.0.0.1:{args.port}")
+        try:
+            deploy_app(build_app(str(model)), args, logging_config=quiet)
+        except AppTaken as err:
+            return _fail(str(err))
+        deployed = True
+        client = CharRNNClient(url)
         say(f"4/4 asking it for {args.samples} samples over HTTP")
         for i in range(args.samples):
             prime = PRIMES[i % len(PRIMES)]
@@ -87,21 +93,17 @@ def _run_quickstart(args) -> int:
         print(f"next: charrnn sample --model {run_dir} --prime 'def ' --top-k 5   "
               f"or   charrnn serve --model {run_dir}", flush=True)
         if args.keep_serving:
-            say(f"serving on http://127.0.0.1:{args.port} until Ctrl-C "
-                f"(charrnn query --url http://127.0.0.1:{args.port} --prime 'def ' --stream)")
+            say(f"serving on {url} until Ctrl-C (charrnn query --url {url} --prime 'def ' --stream)")
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
         print("charrnn quickstart: shutting down", file=sys.stderr, flush=True)
     finally:
-        serve.shutdown()
+        if deployed or is_local(args.address):
+            remove_app(args, is_local(args.address))
     return 0
 
 
 def _fail(message: str) -> int:
     print(f"charrnn quickstart: error: {message}", file=sys.stderr)
     return 2
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt

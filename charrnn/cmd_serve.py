@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
 import time
 
-from charrnn.ray_session import add_address_option, connect
+from charrnn.ray_session import add_address_option, connect, is_local
 
 APP_NAME = "charrnn"
 API_KEY_ENV = "CHARRNN_API_KEY"
@@ -39,6 +38,7 @@ def add_commands(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: --cpus-per-replica)")
     p.add_argument("--name", default=None, help="the model's name in the API (default: the run folder's name)")
     _add_api_key_option(p, "every /v1 route then needs Authorization: Bearer KEY (401 otherwise); /healthz stays open")
+    add_app_options(p)
     limits = p.add_argument_group("limits (per request, and per replica)")
     limits.add_argument("--max-prime-chars", type=int, default=d.max_prime_chars,
                         help=f"characters in a prime or prompt (default {d.max_prime_chars})")
@@ -84,14 +84,53 @@ def _add_api_key_option(p, what: str) -> None:
                    help=f"API key (default: ${API_KEY_ENV}, which keeps it out of `ps`): {what}")
 
 
+def add_app_options(p) -> None:
+    """How a command's Serve application shares a cluster with others (deploy_app, remove_app)."""
+    p.add_argument("--app-name", default=APP_NAME,
+                   help=f"the Serve application's name (default {APP_NAME}); one per model on a shared cluster")
+    p.add_argument("--route-prefix", default="/", help="the URL path the application answers under (default /)")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a running Serve application of that name (default: refuse, exit 2)")
+
+
+class AppTaken(ValueError):
+    """Another application holds the name or the route prefix."""
+
+
+def deploy_app(app, args, **run_options) -> None:
+    """serve.run `app` as --app-name at --route-prefix, unless an application of that name already
+    runs there and --replace was not given. Raises AppTaken, or the deployment's error."""
+    from ray import serve
+
+    if args.app_name in serve.status().applications and not args.replace:
+        raise AppTaken(f"a Serve application named {args.app_name!r} is already running on this cluster; "
+                       f"choose another --app-name, or --replace it")
+    try:
+        serve.run(app, name=args.app_name, route_prefix=args.route_prefix, **run_options)
+    except Exception as err:  # the controller's error arrives wrapped: its last line is the reason
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        if "is being used by application" in reason:
+            raise AppTaken(f"{reason} (choose another --route-prefix)") from None
+        raise
+
+
+def remove_app(args, local: bool) -> None:
+    """Take down what this command deployed: its own local Ray's Serve whole, or on a cluster only
+    its application, never the others'."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    if local:
+        serve.shutdown()
+    else:
+        serve.delete(args.app_name)
+
+
 def _fail(command: str, message: str) -> int:
     print(f"charrnn {command}: error: {message}", file=sys.stderr)
     return 2
-
-
-def _interrupt(signum, frame):
-    """SIGTERM (a service manager, `kill`) shuts down as cleanly as Ctrl-C does."""
-    raise KeyboardInterrupt
 
 
 def _run_serve(args) -> int:
@@ -116,7 +155,7 @@ def _run_serve(args) -> int:
             api_key_sha256=api_key_digest(args.api_key) if args.api_key else None)
     except ValueError as err:  # ModelFolderError is one too: it names the folder
         return _fail("serve", str(err))
-    local = args.address is None and not os.environ.get("RAY_ADDRESS")  # inside `ray job submit`: a cluster
+    local = is_local(args.address)
     if local:  # the proxy will run on this machine: say so now if the port is taken
         try:
             with socket.create_server((args.host, args.port)):
@@ -124,17 +163,21 @@ def _run_serve(args) -> int:
         except OSError as err:
             return _fail("serve", f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
 
-    signal.signal(signal.SIGTERM, _interrupt)
     if local:  # the local Ray's proxy answers 503, not a bare 500, when a replica dies holding a request
         from deploy.proxy import PROXY_ENV
 
         for key, value in PROXY_ENV.items():
             os.environ.setdefault(key, value)
+    deployed = False
     try:
         connect(args.address, args.num_cpus)
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        url = f"http://{args.host}:{args.port}"
+        try:
+            deploy_app(app, args)
+        except AppTaken as err:
+            return _fail("serve", str(err))
+        deployed = True
+        url = f"http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}"
         print(f"charrnn serve: serving {public_location(args.model)} at {url} "
               f"({f'autoscaling {args.autoscale}' if autoscale else f'{args.replicas} replica(s)'}); Ctrl-C stops",
               flush=True)
@@ -150,13 +193,8 @@ def _run_serve(args) -> int:
     except KeyboardInterrupt:
         print("charrnn serve: shutting down", file=sys.stderr, flush=True)
     finally:
-        import ray
-
-        if ray.is_initialized():
-            if local:
-                serve.shutdown()
-            else:  # a shared cluster: take only this application down
-                serve.delete(APP_NAME)
+        if deployed or local:
+            remove_app(args, local)
     return 0
 
 

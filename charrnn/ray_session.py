@@ -1,8 +1,11 @@
 """Where a command's Ray work runs: a local Ray started in-process (the default) or a cluster."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
+import time
 
 
 def add_address_option(parser) -> None:
@@ -13,6 +16,23 @@ def add_address_option(parser) -> None:
     )
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="CPUs for the local Ray (default: all of this machine's); ignored with --address")
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a service manager, `kill`, a container stop) ends a command as Ctrl-C does: its
+    cleanup runs and every process it started ends with it. Set again after ray.init, whose core
+    worker installs a handler of its own that aborts the process."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def is_local(address: str | None) -> bool:
+    """Whether `connect(address)` starts this command's own Ray (inside `ray job submit`,
+    RAY_ADDRESS names the job's cluster)."""
+    return address is None and not os.environ.get("RAY_ADDRESS")
 
 
 def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = True) -> None:
@@ -35,3 +55,68 @@ def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = 
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         kwargs.update(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1")
     ray.init(address=address, **kwargs)
+    stop_on_sigterm()
+    if address == "local":
+        # After Ray's own exit hook, so these run before it (last in, first out): note, then end.
+        atexit.register(_end_local_ray)
+        atexit.register(_note_local_ray_processes)
+
+
+# The local Ray's processes as the command ends: (pid, start time), filled in by the exit hooks.
+_LOCAL_RAY: set[tuple[int, int]] = set()
+
+
+def _note_local_ray_processes() -> None:
+    """Runs first at exit, while every process of the local Ray is still this one's descendant."""
+    _LOCAL_RAY.update(descendants(os.getpid()))
+
+
+def _end_local_ray(grace_s: float = 5.0) -> None:
+    """After ray.shutdown: some of Ray's agents (DashboardAgent, RuntimeEnvAgent) ignore SIGTERM
+    and outlive the raylet, reparented to init. Whatever this command started and is still alive
+    after `grace_s` is killed, by pid and start time, so no other process is ever touched."""
+    import ray
+
+    ray.shutdown()
+    deadline = time.monotonic() + grace_s
+    while (left := [p for p in _LOCAL_RAY if _start_time(p[0]) == p[1]]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def descendants(pid: int) -> set[tuple[int, int]]:
+    """Every live descendant of `pid` as (pid, start time in clock ticks), from /proc (Linux; empty
+    elsewhere)."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            stat = _stat(int(entry))
+            if stat:
+                children.setdefault(stat[0], []).append(int(entry))
+                starts[int(entry)] = stat[1]
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add((child, starts[child]))
+            todo.append(child)
+    return found
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time) of a live process, None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else (int(fields[1]), int(fields[19]))
+
+
+def _start_time(pid: int) -> int | None:
+    stat = _stat(pid)
+    return stat[1] if stat else None

@@ -61,3 +61,31 @@ def write_story_corpus(path, chars: int, seed: int = 0) -> str:
     text = "".join(parts)[:chars]
     path.write_text(text)
     return text
+
+
+def _stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a live process, from /proc; None once it is gone (or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else (int(fields[1]), fields[19])
+
+
+def descendants(root: int) -> list[tuple[int, str]]:
+    """Every live process below `root`, as (pid, start time): the start time tells a reused pid apart."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))):
+            parents[int(entry.name)] = stat
+    found, frontier = [], {root}
+    while frontier:
+        children = {pid for pid, (ppid, _) in parents.items() if ppid in frontier}
+        found += [(pid, parents[pid][1]) for pid in children]
+        frontier = children
+    return found
+
+
+def alive(pid: int, started: str) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[1] == started

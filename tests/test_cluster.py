@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, write_story_corpus
+from conftest import REPO, alive, descendants, write_story_corpus
 
 
 def _free_ports(count: int) -> list[int]:
@@ -27,34 +27,6 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
-
-
-def _stat(pid: int) -> tuple[int, str] | None:
-    """(parent pid, start time) of a process, from /proc; None once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[1]), fields[19]
-
-
-def _descendants(root: int) -> list[tuple[int, str]]:
-    """Every process below `root`, as (pid, start time): the start time tells a reused pid apart."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _stat(int(entry.name))):
-            parents[int(entry.name)] = stat
-    found, frontier = [], {root}
-    while frontier:
-        children = {pid for pid, (ppid, _) in parents.items() if ppid in frontier}
-        found += [(pid, parents[pid][1]) for pid in children]
-        frontier = children
-    return found
-
-
-def _alive(pid: int, started: str) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[1] == started
 
 
 def _ray_executable() -> str:
@@ -109,7 +81,7 @@ def head():
         # Only this head's processes: `ray start` stops its own (raylet first, which stops the workers),
         # then whatever of its process group or its descendants is left (Ray puts workers and job
         # drivers in process groups of their own).
-        family = _descendants(proc.pid)
+        family = descendants(proc.pid)
         proc.terminate()
         try:
             proc.wait(timeout=60)
@@ -122,7 +94,7 @@ def head():
             pass
         deadline = time.monotonic() + 20
         while family and time.monotonic() < deadline:
-            family = [p for p in family if _alive(*p)]
+            family = [p for p in family if alive(*p)]
             time.sleep(0.5)
         for pid, _ in family:
             try:

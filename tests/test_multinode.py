@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_story_corpus
+from conftest import descendants, write_story_corpus
 
 # Steps slow enough (tens of ms) that the node goes while most of the run is still ahead.
 STEPS = 200
@@ -18,30 +18,12 @@ TRAIN = ["--cell", "lstm", "--layers", "1", "--hidden", "128", "--dropout", "0",
          "--lr", "0.01", "--val-every", "250", "--checkpoint-every", "20", "--log-every", "50", "--max-steps", str(STEPS)]
 
 
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (ValueError, OSError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 def node_processes(node) -> dict[int, bytes]:
     """Every process of this simulated node (its Ray daemons and the workers under its raylet), by pid,
     with its command line."""
     roots = [p.process.pid for infos in node.all_processes.values() for p in infos]
     found = {}
-    for pid in set(roots).union(*(descendants(r) for r in roots)):
+    for pid in set(roots).union(*({p for p, _ in descendants(r)} for r in roots)):
         try:
             found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, error_line, run_cli
+from conftest import REPO, alive, descendants, error_line, run_cli
 
 
 def test_help_explains_every_option():
@@ -132,6 +132,7 @@ def test_interrupted_run_leaves_the_old_dataset_valid(tmp_path):
     proc = _start_prepare(tmp_path, tmp_path / "new")
     _wait_for_shards(tmp_path, proc, ignore=killed_runs_staging)
     frozen = _freeze_workers(proc)
+    family = descendants(proc.pid)
     # The signal lands while tasks are still pending. The driver's main thread may sleep on a lock
     # that only the pipeline's next result wakes (a signal caught by another thread does not), so
     # the workers go on; the driver raises KeyboardInterrupt as soon as it wakes, before it can
@@ -142,5 +143,4 @@ def test_interrupted_run_leaves_the_old_dataset_valid(tmp_path):
     assert "interrupted" in proc.stderr.read()
     assert (tmp_path / "ds" / "manifest.json").read_bytes() == old_manifest
     assert _staging(tmp_path) == []
-    with contextlib.suppress(ProcessLookupError):  # Ray's helper processes of that run, if any linger
-        os.killpg(proc.pid, signal.SIGKILL)
+    assert not [p for p in family if alive(*p)], "processes of the interrupted run outlived it"

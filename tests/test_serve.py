@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import REPO, error_line, free_port, run_cli, write_story_corpus
+from conftest import REPO, alive, descendants, error_line, free_port, run_cli, write_story_corpus
 from deploy.decoder import Decoder, Sampling, Sequence
 from models import CharRNN, ModelConfig, load_model, save_model, score
 from pipeline.vocab import Vocabulary
@@ -606,7 +606,8 @@ def test_serve_cli_rejects_bad_options(run_dir, capsys, args, words):
 
 
 def test_serve_cli_end_to_end(run_dir):
-    """`charrnn serve` in its own process (its own local Ray): answers, then stops cleanly on SIGINT."""
+    """`charrnn serve` in its own process (its own local Ray): answers, then stops cleanly on SIGTERM
+    (what systemd, Docker and Kubernetes send), every process it started with it."""
     port = free_port()
     key = "s3cret-Key-0123"
     env = dict(os.environ, PYTHONUNBUFFERED="1", CHARRNN_API_KEY=key)
@@ -642,7 +643,8 @@ def test_serve_cli_end_to_end(run_dir):
         if ip is not None:
             assert refuses(ip, port)
     finally:
-        proc.send_signal(signal.SIGINT)
+        family = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
         try:
             code = proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -652,3 +654,4 @@ def test_serve_cli_end_to_end(run_dir):
     assert code == 0, errors
     assert key not in "".join(out) + errors
     assert refuses("127.0.0.1", port)
+    assert len(family) > 5 and not [p for p in family if alive(*p)], "processes of charrnn serve outlived it"

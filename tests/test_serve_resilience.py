@@ -21,7 +21,7 @@ import pytest
 import requests
 import torch
 
-from conftest import REPO, free_port, write_story_corpus
+from conftest import REPO, descendants, free_port, write_story_corpus
 from models import CharRNN, ModelConfig, save_model
 from pipeline.vocab import Vocabulary
 
@@ -44,28 +44,6 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 # -- processes -------------------------------------------------------------------------------------
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def descendants(root: int) -> list[int]:
-    tree, found, todo = _children(), [], [root]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
 
 def cmdline(pid: int) -> list[str]:
     try:
@@ -96,7 +74,7 @@ class Replicas:
     def __init__(self, serve_pid: int):
         self.serve_pid = serve_pid
         # that Ray's GCS, as its own processes (log monitor, dashboard, workers) are told it
-        gcs = next(arg.split("=", 1)[1] for pid in descendants(serve_pid) for arg in cmdline(pid)
+        gcs = next(arg.split("=", 1)[1] for pid, _ in descendants(serve_pid) for arg in cmdline(pid)
                    if arg.startswith(("--gcs-address=", "--gcs_address=")))
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.setdefault("RAY_AUTH_MODE", "token")  # as the local Ray `charrnn serve` started: ~/.ray/auth_token
@@ -114,7 +92,7 @@ class Replicas:
 
     def pids(self) -> list[int]:
         """The replicas' processes, by their Ray process title."""
-        return sorted(p for p in descendants(self.serve_pid)
+        return sorted(p for p, _ in descendants(self.serve_pid)
                       if (cmdline(p) or [""])[0].startswith(REPLICA_TITLE))
 
     def states(self) -> dict:

@@ -2,6 +2,10 @@
 (restart from the checkpoint) is tested on a multi-node cluster in test_multinode.py."""
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -165,6 +169,35 @@ def test_console_shows_progress_evaluations_and_checkpoints_and_verbose_shows_ra
     assert "Reporting training result" in console and "[train] precision bf16: --precision bf16" in console
     saved = json.loads((tmp_path / "verbose" / "run.json").read_text())["train"]
     assert saved["precision"] == "bf16" and saved["shuffle"] is False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_train_ends_every_process_it_started(tmp_path, signum):
+    from conftest import REPO, alive, descendants
+
+    write_story_corpus(tmp_path / "story.txt", 30_000)
+    cmd = [sys.executable, "-m", "charrnn", "train", "--data", str(tmp_path / "story.txt"), "--out", str(tmp_path / "run"),
+           *CLI_TINY, "--max-steps", "100000", "--log-every", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    family = []
+    try:
+        for line in proc.stdout:  # until the first training step: the trainer and its workers are up
+            if "[train] step" in line:
+                break
+        assert proc.poll() is None, "train ended before its first step"
+        family = descendants(proc.pid)
+        proc.send_signal(signum)
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=120) == 130, rest
+        assert "interrupted" in rest
+        assert len(family) > 5 and not [p for p in family if alive(*p)], "processes of charrnn train outlived it"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid, started in family:
+            if alive(pid, started):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_keep_freed_memory_stops_refaulting_big_buffers():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -128,7 +129,7 @@ def _train(run_dir: RunFolder, out: str, data: list[str], options: dict, resume:
         ),
     )
     try:
-        result = trainer.fit()
+        result = _fit(trainer)
     except ray.train.TrainingFailedError as err:
         raise TrainingError(f"training failed after {config.max_failures} restart(s): {_first_line(err)}") from None
     finally:
@@ -145,6 +146,27 @@ def _train(run_dir: RunFolder, out: str, data: list[str], options: dict, resume:
     info = json.loads(model_config)["info"] if model_config else {}
     return {"steps": metrics.get("step"), "best_val_loss": info.get("val_loss"), "model": run_dir.uri("model"),
             "run_dir": run_dir.location}
+
+
+def _fit(trainer: TorchTrainer) -> ray.train.Result:
+    """trainer.fit() on a helper thread. On the main thread Ray Train installs a SIGINT handler of
+    its own, which ends the command with status 1 and no word; here Ctrl-C raises
+    KeyboardInterrupt in the main thread as it does everywhere else in charrnn, and the exit hooks
+    (charrnn.ray_session) end the run's processes. Its checkpoints stay for --resume."""
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="charrnn-fit", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _last_event(metrics_text: str, event: str) -> dict | None:
