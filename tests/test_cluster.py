@@ -166,3 +166,52 @@ def test_client_without_the_token_is_refused(head, tmp_path):
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "RAY_AUTH_MODE=token" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _start_serve(head, model, port, *args) -> tuple[subprocess.Popen, list[str]]:
+    """`charrnn serve --address HEAD` in its own session, once it says it is serving."""
+    proc = subprocess.Popen([sys.executable, "-m", "charrnn", "serve", "--address", head["gcs"], "--model", str(model),
+                             "--port", str(port), "--cpus-per-replica", "0.5", *args], cwd=REPO, env=head["env"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("charrnn serve: serving"):
+            return proc, lines
+    proc.wait()
+    pytest.fail("charrnn serve did not come up:\n" + "".join(lines[-30:]))
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, rest
+    return rest
+
+
+def test_serve_on_a_shared_cluster_touches_only_its_own_application(head, tmp_path):
+    from models import CharRNN, ModelConfig, save_model
+
+    config = ModelConfig(vocab_size=4, hidden=16, layers=1)
+    save_model(CharRNN(config), config, {"chars": "abc", "unknown_id": 3}, tmp_path / "model")
+    port = _free_ports(1)[0]
+    url = f"http://127.0.0.1:{port}"
+    other, _ = _start_serve(head, tmp_path / "model", port, "--app-name", "other", "--route-prefix", "/other",
+                            "--name", "theirs")
+    try:
+        mine, _ = _start_serve(head, tmp_path / "model", port, "--name", "mine")
+        try:
+            assert requests.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"] == "mine"
+            assert requests.get(f"{url}/other/v1/models", timeout=60).json()["data"][0]["id"] == "theirs"
+            taken = subprocess.run([sys.executable, "-m", "charrnn", "serve", "--address", head["gcs"], "--model",
+                                    str(tmp_path / "model"), "--port", str(port), "--app-name", "other"],
+                                   cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=300)
+            assert taken.returncode == 2 and "'other' is already running" in taken.stderr, taken.stderr
+            assert requests.get(f"{url}/other/v1/models", timeout=60).json()["data"][0]["id"] == "theirs"
+        finally:
+            _stop(mine)
+        # Ending took down its own application only.
+        assert requests.get(f"{url}/v1/models", timeout=60).status_code == 404
+        assert requests.get(f"{url}/other/v1/models", timeout=60).json()["data"][0]["id"] == "theirs"
+    finally:
+        _stop(other)
