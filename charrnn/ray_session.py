@@ -29,6 +29,13 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def require_token_for_local_ray() -> None:
+    """Token authentication on every listener of a local Ray this process starts, whatever the
+    installed release's default (2.52 brought it, off by default); RAY_AUTH_MODE=disabled set by
+    the user still wins. Ray reads the variable when it is imported: call this before that."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def is_local(address: str | None) -> bool:
     """Whether `connect(address)` starts this command's own Ray (inside `ray job submit`,
     RAY_ADDRESS names the job's cluster)."""

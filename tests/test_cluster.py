@@ -215,3 +215,24 @@ def test_serve_on_a_shared_cluster_touches_only_its_own_application(head, tmp_pa
         assert requests.get(f"{url}/other/v1/models", timeout=60).json()["data"][0]["id"] == "theirs"
     finally:
         _stop(other)
+
+
+def test_a_local_ray_asks_for_its_token(tmp_path):
+    """The local Ray a command starts (as cli.main starts it) listens with token authentication on,
+    whatever Ray's default."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from charrnn import ray_session as rs; rs.require_token_for_local_ray()\n"
+         "import ray; rs.connect(None, 1); print(ray.get_runtime_context().gcs_address, ray.worker.get_dashboard_url(), flush=True)\n"
+         "sys.stdin.read()"], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        gcs, dashboard = proc.stdout.readline().split()
+        assert requests.get(f"http://{dashboard}/api/version", timeout=60).status_code == 401
+        assert requests.get(f"http://{dashboard}/api/jobs/", timeout=60).status_code == 401
+        # A client without the token cannot join either.
+        joined = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{gcs}')"], cwd=tmp_path,
+                                env=dict(env, RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=300)
+        assert joined.returncode != 0, joined.stderr
+    finally:
+        proc.stdin.close()
+        assert proc.wait(timeout=120) == 0
