@@ -30,12 +30,17 @@ class RecurrentConfig:
     trip, in which an unknown key or a missing `required` one is an error."""
     required = ""
     sizes: tuple[str, ...] = ("layers", "hidden")
+    # Far beyond any model this stack trains, and small enough that a config from an untrusted
+    # folder cannot ask for an absurd allocation before its weights are compared with it.
+    MAX_SIZE = {"layers": 64, "hidden": 1 << 16, "vocab_size": 1 << 21, "features": 1 << 16, "embedding_dim": 1 << 16}
 
     def _check(self) -> None:
         for name in (self.required, *self.sizes):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"model {name} must be a positive integer, got {value!r}")
+            if value > self.MAX_SIZE.get(name, value):
+                raise ValueError(f"model {name} of {value:,} is beyond this charrnn's limit of {self.MAX_SIZE[name]:,}")
         if self.cell not in CELLS:
             raise ValueError(f"model cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) \
@@ -84,6 +89,9 @@ class ModelConfig(RecurrentConfig):
         self._check()
         if self.embedding_dim is not None and (not _is_int(self.embedding_dim) or self.embedding_dim < 1):
             raise ValueError(f"model embedding_dim must be a positive integer or null, got {self.embedding_dim!r}")
+        if self.embedding_dim is not None and self.embedding_dim > self.MAX_SIZE["embedding_dim"]:
+            raise ValueError(f"model embedding_dim of {self.embedding_dim:,} is beyond this charrnn's limit of "
+                             f"{self.MAX_SIZE['embedding_dim']:,}")
 
     @property
     def input_dim(self) -> int:

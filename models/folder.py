@@ -183,6 +183,9 @@ def _load_weights(network, config, path: Path, device):
     except (OSError, SafetensorError) as err:
         raise ModelFolderError(f"{path / WEIGHTS} is not a readable safetensors file: {err}") from None
     _check_weights({name: t.shape for name, t in state.items()}, network, config, path)
+    broken = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise ModelFolderError(f"{path / WEIGHTS}: {', '.join(sorted(broken))} hold NaN or infinite values")
     model = network(config)
     model.load_state_dict(state)
     return model.to(device).eval()

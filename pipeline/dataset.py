@@ -12,9 +12,11 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import CorpusError
 from pipeline.prepare import FORMAT, FORMAT_VERSION, SPLITS
-from pipeline.publish import MANIFEST
+from pipeline.publish import MANIFEST, SHARD
 from pipeline.sources import resolve_filesystem
 from pipeline.vocab import Vocabulary
+
+VERIFY_BLOCK = 1 << 22
 
 
 def read_manifest(location: str):
@@ -40,10 +42,31 @@ class ShardedDataset:
     def __init__(self, location: str):
         self.location = location
         self.fs, self.root, self.manifest = read_manifest(location)
-        if self.manifest.get("format") != self.format or self.manifest.get("format_version") != self.format_version:
-            raise CorpusError(f"{location}/{MANIFEST} is format {self.manifest.get('format')!r} version "
-                              f"{self.manifest.get('format_version')}; this reads {self.format} version "
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != self.format \
+                or self.manifest.get("format_version") != self.format_version:
+            found = self.manifest if isinstance(self.manifest, dict) else {}
+            raise CorpusError(f"{location}/{MANIFEST} is format {found.get('format')!r} version "
+                              f"{found.get('format_version')}; this reads {self.format} version "
                               f"{self.format_version} (written by {self.command})")
+        try:
+            self._check_manifest()
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CorpusError(f"{location}/{MANIFEST} is malformed: {_what(err)}") from None
+
+    def _check_manifest(self) -> None:
+        """Raise on a manifest this code could trip on later: every split's shards listed with
+        their checks, and each shard path one this project writes, inside the folder (a manifest
+        is data: `../` or an absolute path must never be followed)."""
+        for split in SPLITS:
+            for shard in self.manifest["splits"][split]["shards"]:
+                if not isinstance(shard["path"], str) or not SHARD.fullmatch(shard["path"]) \
+                        or not shard["path"].startswith(f"{split}/"):
+                    raise ValueError(f"shard path {shard['path']!r} is not a {split}/part-*.parquet of this folder")
+                for key in ("bytes", "rows", self.count):
+                    if not isinstance(shard[key], int) or isinstance(shard[key], bool) or shard[key] < 0:
+                        raise ValueError(f"shard {shard['path']}: {key} must be a count, got {shard[key]!r}")
+                if not isinstance(shard["sha256"], str):
+                    raise ValueError(f"shard {shard['path']}: sha256 must be a string")
 
     def _runs(self, column: pa.ChunkedArray) -> Iterator[np.ndarray]:
         raise NotImplementedError
@@ -81,21 +104,26 @@ class ShardedDataset:
             yield from self._runs(table[self.column])
 
     def verify(self) -> list[str]:
-        """Problems found by re-reading every shard: size, sha256, rows and the manifest's count."""
+        """Problems found by re-reading every shard: size, sha256, rows and the manifest's count.
+        The checksum streams through each shard (memory: one block, whatever the shard's size)."""
         problems = []
         for split in SPLITS:
             for shard in self._split(split)["shards"]:
                 path = f"{self.root.rstrip('/')}/{shard['path']}"
+                digest, size = hashlib.sha256(), 0
                 try:
                     with self.fs.open_input_stream(path) as f:
-                        payload = f.read()
+                        while block := f.read(VERIFY_BLOCK):
+                            digest.update(block)
+                            size += len(block)
                 except OSError:  # FileNotFoundError included
                     problems.append(f"{shard['path']}: missing")
                     continue
-                if len(payload) != shard["bytes"] or hashlib.sha256(payload).hexdigest() != shard["sha256"]:
+                if size != shard["bytes"] or digest.hexdigest() != shard["sha256"]:
                     problems.append(f"{shard['path']}: checksum mismatch")
                     continue
-                table = pq.read_table(pa.BufferReader(payload), columns=[self.column])
+                with self.fs.open_input_file(path) as f:
+                    table = pq.read_table(f, columns=[self.column])
                 found = sum(len(run) for run in self._runs(table[self.column]))
                 if table.num_rows != shard["rows"] or found != shard[self.count]:
                     problems.append(f"{shard['path']}: {table.num_rows} rows / {found} {self.count}, manifest says "
@@ -108,12 +136,16 @@ class ShardedDataset:
         return self.manifest["splits"][split]
 
 
+def _what(err: Exception) -> str:
+    return f"no {err.args[0]!r} field" if isinstance(err, KeyError) else str(err)
+
+
 class PreparedDataset(ShardedDataset):
     format, format_version, command = FORMAT, FORMAT_VERSION, "charrnn prepare"
     column, count = "tokens", "tokens"
 
-    def __init__(self, location: str):
-        super().__init__(location)
+    def _check_manifest(self) -> None:
+        super()._check_manifest()
         self.vocab = Vocabulary.from_json(self.manifest["vocab"])
 
     def encode(self, text: str) -> np.ndarray:

@@ -25,10 +25,13 @@ class PreparedSeries(ShardedDataset):
     format, format_version, command = FORMAT, FORMAT_VERSION, "charrnn prepare-series"
     column, count = "values", "points"
 
-    def __init__(self, location: str):
-        super().__init__(location)
+    def _check_manifest(self) -> None:
+        super()._check_manifest()
         self.columns: list[str] = self.manifest["columns"]
         self.normalization: dict = self.manifest["normalization"]  # {"mean": [...], "std": [...]} per feature
+        if not isinstance(self.columns, list) or not self.columns or \
+                not all(len(self.normalization[k]) == len(self.columns) for k in ("mean", "std")):
+            raise ValueError("columns must be a non-empty list, with a normalization mean and std for each")
 
     @property
     def features(self) -> int:

@@ -130,7 +130,11 @@ class Vocabulary:
 
     @classmethod
     def from_json(cls, obj: dict) -> "Vocabulary":
-        vocab = cls(list(obj["chars"]), obj.get("counts"))
+        counts = obj.get("counts")
+        if counts is not None and (not isinstance(counts, list) or len(counts) != len(obj["chars"])
+                                   or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts)):
+            raise ValueError(f"vocabulary counts must be a list of one integer per character ({len(obj['chars'])})")
+        vocab = cls(list(obj["chars"]), counts)
         if vocab.unknown_id != obj["unknown_id"]:
             raise ValueError("vocabulary unknown_id does not match its characters")
         return vocab

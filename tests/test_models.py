@@ -218,6 +218,12 @@ FOLDER_ERRORS = {
                        "weights do not match .*unexpected extra.weight"),
     "wrong shape": (lambda f: _edit_weights(f, lambda s: s.update({"head.bias": torch.zeros(10)})),
                     r"weights do not match .*head.bias is \[10\], the config needs \[9\]"),
+    "NaN weights": (lambda f: _edit_weights(f, lambda s: s["head.bias"].__setitem__(0, float("nan"))),
+                    "head.bias hold NaN or infinite values"),
+    "infinite weights": (lambda f: _edit_weights(f, lambda s: s["rnn.weight_hh_l0"].__setitem__((1, 1), float("inf"))),
+                         "rnn.weight_hh_l0 hold NaN or infinite values"),
+    "absurd size": (lambda f: _edit_config(f, lambda m: m["model"].update(hidden=10**12)),
+                    "model hidden of 1,000,000,000,000 is beyond this charrnn's limit"),
 }
 
 
@@ -231,6 +237,16 @@ def test_model_folder_errors(tmp_path, case):
     with pytest.raises(ModelFolderError, match=message) as err:
         load_model(folder)
     assert "\n" not in str(err.value) and str(folder) in str(err.value)
+
+
+def test_a_vocabulary_that_disagrees_with_itself_is_one_line(tmp_path):
+    from charrnn.cmd_model import load
+
+    model, config = tiny()
+    save_model(model, config, {**VOCAB, "counts": [1, 2]}, tmp_path / "m")
+    with pytest.raises(ModelFolderError, match="counts must be a list of one integer per character") as err:
+        load(str(tmp_path / "m"))
+    assert "\n" not in str(err.value)
 
 
 # -- sampling ----------------------------------------------------------------------------------

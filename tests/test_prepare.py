@@ -256,3 +256,52 @@ def test_replacing_a_dataset_keeps_no_leftovers(ray_local, tmp_path):
     assert json.loads((tmp_path / "ds" / "manifest.json").read_text()) == {k: v for k, v in manifest.items() if k != "elapsed_s"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "ds"]
     assert "!" in PreparedDataset(str(tmp_path / "ds")).vocab.chars
+
+
+def test_a_manifest_is_data_never_a_path_to_follow(ray_local, tmp_path):
+    """Shard paths are confined to the dataset folder, and a malformed manifest is one line."""
+    import shutil
+
+    from conftest import error_line, run_cli
+
+    write_corpus(tmp_path / "c", {"c.txt": b"some text to prepare\n" * 50})
+    prepare([str(tmp_path / "c")], str(tmp_path / "ds"), PrepareOptions(run_length=50), **QUIET)
+    (tmp_path / "secret.parquet").write_bytes((tmp_path / "ds" / "train").glob("*.parquet").__next__().read_bytes())
+    good = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+
+    def first_shard(m):
+        return m["splits"]["train"]["shards"][0]
+
+    damages = {
+        "../secret.parquet": (lambda m: first_shard(m).update(path="../secret.parquet"), "is not a train/part-"),
+        "absolute": (lambda m: first_shard(m).update(path=str(tmp_path / "secret.parquet")), "is not a train/part-"),
+        "no splits": (lambda m: m.pop("splits"), "malformed: no 'splits' field"),
+        "bad count": (lambda m: first_shard(m).update(rows="12"), "rows must be a count"),
+        "bad vocab": (lambda m: m["vocab"].update(counts=[1]), "counts must be a list"),
+    }
+    for name, (damage, words) in damages.items():
+        folder = tmp_path / f"bad-{len(name)}-{abs(hash(name)) % 1000}"
+        shutil.copytree(tmp_path / "ds", folder)
+        manifest = json.loads(json.dumps(good))
+        damage(manifest)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(CorpusError, match=words):
+            PreparedDataset(str(folder))
+        if name == "../secret.parquet":
+            line = error_line(run_cli("verify", folder))
+            assert "is not a train/part-" in line
+
+
+def test_verify_streams_each_shard(ray_local, tmp_path, monkeypatch):
+    """The checksum is taken block by block: a block smaller than a shard gives the same verdicts."""
+    import pipeline.dataset
+
+    write_corpus(tmp_path / "c", {"c.txt": b"some text to prepare\n" * 500})
+    prepare([str(tmp_path / "c")], str(tmp_path / "ds"), PrepareOptions(run_length=50), **QUIET)
+    monkeypatch.setattr(pipeline.dataset, "VERIFY_BLOCK", 100)
+    assert PreparedDataset(str(tmp_path / "ds")).verify() == []
+    shard = next((tmp_path / "ds" / "train").glob("*.parquet"))
+    payload = bytearray(shard.read_bytes())
+    payload[len(payload) // 2] ^= 1
+    shard.write_bytes(bytes(payload))
+    assert PreparedDataset(str(tmp_path / "ds")).verify() == [f"train/{shard.name}: checksum mismatch"]

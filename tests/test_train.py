@@ -225,3 +225,20 @@ print(default, applied, faults_per_round())
     default, applied, kept = done.stdout.split()
     assert applied == "True"
     assert float(default) > 4000 and float(kept) < 400, done.stdout
+
+
+def test_a_torn_last_metrics_line_breaks_neither_resume_nor_the_plot(tmp_path):
+    """A run killed while writing metrics.jsonl leaves half a line: the restart's truncation (what
+    --resume does) and the plot read past it."""
+    from training.plot import plot_losses
+    from training.run_folder import METRICS, MetricsLog, RunFolder, metric_records
+
+    lines = [json.dumps({"step": s, "loss": 3.0 - s / 10}) for s in range(1, 6)]
+    (tmp_path / METRICS).write_text("\n".join(lines) + '\n{"step": 6, "lo')
+    folder = RunFolder(str(tmp_path))
+    assert [r["step"] for r in metric_records(folder.read_text(METRICS))] == [1, 2, 3, 4, 5]
+    assert plot_losses(metric_records(folder.read_text(METRICS)))[:8] == b"\x89PNG\r\n\x1a\n"
+    log = MetricsLog(folder)
+    log.truncate(4)
+    log.append({"step": 5, "loss": 2.5})
+    assert [json.loads(l)["step"] for l in (tmp_path / METRICS).read_text().splitlines()] == [1, 2, 3, 4, 5]

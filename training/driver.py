@@ -28,7 +28,7 @@ from pipeline.sources import public_location, redact_uris, with_access_of
 from training.config import TrainConfig, TrainingError
 from training.console import quiet_ray_logs
 from training.plot import plot_losses
-from training.run_folder import CHECKPOINTS, METRICS, RunFolder
+from training.run_folder import CHECKPOINTS, METRICS, RunFolder, metric_records
 from training.tasks import SERIES_DEFAULTS, TASKS
 from training.checkpoint import TRAINER_STATE
 from training.worker import train_loop_per_worker
@@ -133,12 +133,12 @@ def _train(run_dir: RunFolder, out: str, data: list[str], options: dict, resume:
     except ray.train.TrainingFailedError as err:
         raise TrainingError(f"training failed after {config.max_failures} restart(s): {_first_line(err)}") from None
     finally:
-        metrics_text = run_dir.read_text(METRICS) or ""
-        png = plot_losses(metrics_text, task.loss_unit)
+        records = metric_records(run_dir.read_text(METRICS) or "")
+        png = plot_losses(records, task.loss_unit)
         if png:
             run_dir.write_bytes("loss.png", png)
     metrics = result.metrics or {}
-    diverged = _last_event(metrics_text, "diverged")
+    diverged = records[-1] if records and records[-1].get("event") == "diverged" else None
     if diverged:
         raise TrainingError(f"training diverged at step {diverged['step']} (loss {diverged['loss']}); "
                             f"the last good checkpoint and the best model are kept in {out}")
@@ -167,13 +167,6 @@ def _fit(trainer: TorchTrainer) -> ray.train.Result:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
-
-
-def _last_event(metrics_text: str, event: str) -> dict | None:
-    """The last record of the run if it is this event."""
-    lines = metrics_text.splitlines()
-    last = json.loads(lines[-1]) if lines else {}
-    return last if last.get("event") == event else None
 
 
 def _worker_resources(config: TrainConfig, cpus: int) -> dict:

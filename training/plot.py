@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 
-def plot_losses(metrics_text: str, unit: str = "nats per character") -> bytes | None:
-    """loss.png's bytes from metrics.jsonl's text; None before the first training step."""
+def plot_losses(records: list[dict], unit: str = "nats per character") -> bytes | None:
+    """loss.png's bytes from metrics.jsonl's records; None before the first training step."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a training node
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_text.splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and r.get("event") is None]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train:

@@ -80,6 +80,20 @@ class RunFolder:
         return max((s for s in steps if s is not None), default=None)
 
 
+def metric_records(text: str) -> list[dict]:
+    """metrics.jsonl's records. A line that is not a JSON object (the torn last line of a run
+    killed while writing it) is left out, so neither --resume nor the plot trips on it."""
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 class MetricsLog:
     """RUN_DIR/metrics.jsonl, one JSON record a line. On a local disk each record is appended as it
     comes, for `tail -f`; object stores cannot append, so there the file is rewritten whole at
@@ -105,7 +119,7 @@ class MetricsLog:
         """Drop the records of steps after `step`, the checkpoint a restart resumes from: they
         will be run again."""
         text = (self.folder.read_text(METRICS) or "") if self.folder.is_local else self.text
-        kept = "".join(l + "\n" for l in text.splitlines() if json.loads(l).get("step", 0) <= step)
+        kept = "".join(json.dumps(r) + "\n" for r in metric_records(text) if r.get("step", 0) <= step)
         self.folder.write_text(METRICS, kept)
         if not self.folder.is_local:
             self.text = kept
