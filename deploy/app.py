@@ -25,9 +25,9 @@ from ray import serve
 
 from deploy import series_app, source
 from deploy.api import APIError, parse_completion, parse_generate, parse_score
-from deploy.decoder import Decoder
-from deploy.ingress import (authorize, builder_arguments, deployment_options, install_error_handlers, overloaded,
-                            read_json)
+from deploy.decoder import Decoder, DecoderStopped
+from deploy.ingress import (RETRY_AFTER_S, authorize, builder_arguments, deployment_options, error_response,
+                            install_error_handlers, overloaded, read_json)
 from deploy.limits import Limits
 from models.generate import bits_per_char
 from pipeline.sources import public_location
@@ -37,6 +37,24 @@ logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="charrnn", docs_url=None, redoc_url=None, openapi_url=None)
 install_error_handlers(api)
+
+
+def _stopped_error(err: DecoderStopped) -> APIError:
+    return APIError(503, f"this replica cannot decode: {err}; Serve replaces it (its health check fails)",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+@api.exception_handler(DecoderStopped)
+async def _decoder_stopped(request: Request, err: DecoderStopped):
+    return error_response(_stopped_error(err))
+
+
+def _stream_error(err: Exception) -> dict:
+    """A failure after the status line went out, said in the stream."""
+    if isinstance(err, DecoderStopped):
+        return _stopped_error(err).body()
+    logger.exception("charrnn: stream failed")
+    return APIError(500, f"internal error: {type(err).__name__}").body()
 
 
 def _sse(data) -> str:
@@ -167,8 +185,7 @@ class CharRNNServer:
                                {"text": "", "finish_reason": seq.finish_reason, "chars": len(seq.chars),
                                 "seed": seq.seed})
         except Exception as err:  # the status line is gone: say it in the stream
-            logger.exception("charrnn: stream failed")
-            yield _sse(APIError(500, f"internal error: {type(err).__name__}").body())
+            yield _sse(_stream_error(err))
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -200,8 +217,7 @@ class CharRNNServer:
             if req.include_usage:
                 yield _sse({**head, "choices": [], "usage": self._usage(req, seqs)})
         except Exception as err:
-            logger.exception("charrnn: stream failed")
-            yield _sse(APIError(500, f"internal error: {type(err).__name__}").body())
+            yield _sse(_stream_error(err))
         yield _sse("[DONE]")
 
     @staticmethod

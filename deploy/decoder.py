@@ -30,6 +30,10 @@ from models import CharRNN, sample_next, score
 UNIFORM_BLOCK = 256
 
 
+class DecoderStopped(RuntimeError):
+    """The decode loop died: this decoder takes no more work, and what it held failed with this."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How one sequence is sampled. The HTTP layer validates requests; this only guards the engine."""
@@ -146,6 +150,7 @@ class Decoder:
         self._load = 0  # sequences submitted and not finished, plus scores running
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
+        self._stopped: DecoderStopped | None = None  # set once, when the loop dies
         self._stats = dict(steps=0, chars=0, sequences=0, prime_chars=0, scored_chars=0, max_batch_seen=0,
                            step_seconds=0.0, step_cpu_seconds=0.0)
         self._hist: dict[int, int] = {}  # batch size -> steps
@@ -164,6 +169,8 @@ class Decoder:
         """Start sampling after `prime` (at least one id). Await `seq.done`; streams read `sink`."""
         if not prime:
             raise ValueError("the prime must hold at least one id")
+        if self._stopped:
+            raise self._stopped
         loop = asyncio.get_running_loop()
         self._start(loop)
         seq = Sequence(prime, sampling, self.device, loop, sink, index)
@@ -199,9 +206,9 @@ class Decoder:
                 "running": self._task is not None and not self._task.done()}
 
     def check(self) -> None:
-        """Raise if the decoding task died (a replica health check calls this)."""
-        if self._task is not None and self._task.done() and not self._task.cancelled() and self._task.exception():
-            raise RuntimeError(f"the decoder stopped: {self._task.exception()!r}")
+        """Raise DecoderStopped if the decode loop died (a replica health check calls this)."""
+        if self._stopped:
+            raise self._stopped
 
     def close(self) -> None:
         if self._task is not None:
@@ -212,12 +219,29 @@ class Decoder:
     # -- the loop -------------------------------------------------------------------------------------
 
     def _start(self, loop) -> None:
-        if self._task is None or self._task.done():
+        if self._task is None:
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._run(), name="charrnn-decoder")
+            self._task.add_done_callback(self._died)
+
+    def _died(self, task: asyncio.Task) -> None:
+        """The loop never returns: it ended by a bug, or was cancelled (close(), or its event loop
+        ended, after which a new loop may start it again). After a bug every sequence it held or
+        was about to take fails now rather than waiting forever, and so does any new one."""
+        if task.cancelled():
+            self._task = None
+            return
+        self._stopped = DecoderStopped(f"the decoder stopped: {task.exception()!r}")
+        self.logger.error("charrnn decoder: the decode loop died", exc_info=task.exception())
+        for seq in self._rows + self._ready:
+            if not seq.done.done():
+                self._fail(seq, self._stopped)
+        self._rows, self._ready = [], []
 
     def _primed(self, seq: Sequence, future) -> None:
-        if future.cancelled() or future.exception() is not None:
+        if self._stopped:
+            self._fail(seq, self._stopped)
+        elif future.cancelled() or future.exception() is not None:
             self._fail(seq, future.exception() if not future.cancelled() else RuntimeError("cancelled"))
         elif seq.cancelled:
             self._finish(seq, "cancelled")

@@ -240,6 +240,37 @@ def test_decoder_survives_a_failing_step(run_dir):
         decoder.close()
 
 
+def test_a_dead_decode_loop_fails_its_requests_and_the_health_check(run_dir):
+    """A bug outside the step (here in handing out streamed text) ends the decode loop: what it held
+    fails at once instead of waiting forever, new work is refused, and check() (the replica's
+    health check, and /healthz) says so, so Serve replaces the replica."""
+    from deploy.decoder import DecoderStopped
+
+    model, _, vocab_json, _ = load_model(run_dir / "model")
+    decoder = Decoder(model, list(Vocabulary.from_json(vocab_json).chars) + ["?"], max_batch=8, min_step_batch=1)
+
+    def broken_flush():
+        raise ZeroDivisionError("injected")
+
+    async def go():
+        seq = decoder.submit([1, 2], Sampling(max_chars=500, seed=0), sink=asyncio.Queue())
+        await asyncio.sleep(0)
+        decoder._flush_streams = broken_flush  # the loop calls it after each step
+        with pytest.raises(DecoderStopped, match="ZeroDivisionError"):
+            await asyncio.wait_for(seq.done, 60)
+        with pytest.raises(DecoderStopped):
+            decoder.submit([1], Sampling(max_chars=5, seed=0))
+        assert decoder.load == 0
+
+    try:
+        decoder.check()
+        asyncio.run(go())
+        with pytest.raises(DecoderStopped, match="the decoder stopped"):
+            decoder.check()
+    finally:
+        decoder.close()
+
+
 # -- the server --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
