@@ -81,18 +81,26 @@ def _note_local_ray_processes() -> None:
 def _end_local_ray(grace_s: float = 5.0) -> None:
     """After ray.shutdown: some of Ray's agents (DashboardAgent, RuntimeEnvAgent) ignore SIGTERM
     and outlive the raylet, reparented to init. Whatever this command started and is still alive
-    after `grace_s` is killed, by pid and start time, so no other process is ever touched."""
+    after `grace_s` is killed, by pid and start time, so no other process is ever touched; the
+    command ends once they are gone."""
     import ray
 
     ray.shutdown()
-    deadline = time.monotonic() + grace_s
-    while (left := [p for p in _LOCAL_RAY if _start_time(p[0]) == p[1]]) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    left = _wait_gone(_LOCAL_RAY, grace_s)
     for pid, _ in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    _wait_gone(left, grace_s)
+
+
+def _wait_gone(processes, timeout_s: float) -> list[tuple[int, int]]:
+    """Those of `processes` still alive after up to `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while (left := [p for p in processes if _start_time(p[0]) == p[1]]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
 
 
 def descendants(pid: int) -> set[tuple[int, int]]:
