@@ -189,6 +189,25 @@ def _stop(proc: subprocess.Popen) -> str:
     return rest
 
 
+def _model_name(url: str) -> str | int:
+    """The model a route prefix serves, once Serve's proxy routes it (it learns of an application a
+    moment after the application is RUNNING): its name, or the status that says there is none."""
+    deadline = time.monotonic() + 60
+    while (r := requests.get(f"{url}/v1/models", timeout=60)).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return r.json()["data"][0]["id"] if r.status_code == 200 else r.status_code
+
+
+def _gone(url: str) -> bool:
+    """Whether the proxy stops routing `url` within a minute of its application's deletion."""
+    deadline = time.monotonic() + 60
+    while requests.get(f"{url}/v1/models", timeout=60).status_code != 404:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def test_serve_on_a_shared_cluster_touches_only_its_own_application(head, tmp_path):
     from models import CharRNN, ModelConfig, save_model
 
@@ -201,18 +220,18 @@ def test_serve_on_a_shared_cluster_touches_only_its_own_application(head, tmp_pa
     try:
         mine, _ = _start_serve(head, tmp_path / "model", port, "--name", "mine")
         try:
-            assert requests.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"] == "mine"
-            assert requests.get(f"{url}/other/v1/models", timeout=60).json()["data"][0]["id"] == "theirs"
+            assert _model_name(url) == "mine"
+            assert _model_name(f"{url}/other") == "theirs"
             taken = subprocess.run([sys.executable, "-m", "charrnn", "serve", "--address", head["gcs"], "--model",
                                     str(tmp_path / "model"), "--port", str(port), "--app-name", "other"],
                                    cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=300)
             assert taken.returncode == 2 and "'other' is already running" in taken.stderr, taken.stderr
-            assert requests.get(f"{url}/other/v1/models", timeout=60).json()["data"][0]["id"] == "theirs"
+            assert _model_name(f"{url}/other") == "theirs"
         finally:
             _stop(mine)
         # Ending took down its own application only.
-        assert requests.get(f"{url}/v1/models", timeout=60).status_code == 404
-        assert requests.get(f"{url}/other/v1/models", timeout=60).json()["data"][0]["id"] == "theirs"
+        assert _gone(url)
+        assert _model_name(f"{url}/other") == "theirs"
     finally:
         _stop(other)
 

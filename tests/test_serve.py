@@ -225,7 +225,7 @@ def test_decoder_survives_a_failing_step(run_dir):
     async def go():
         short = decoder.submit([1, 2], Sampling(max_chars=30, seed=0))
         long = decoder.submit([1, 2], Sampling(max_chars=300, seed=1))
-        results = await asyncio.wait_for(asyncio.gather(short.done, long.done, return_exceptions=True), 30)
+        results = await asyncio.wait_for(asyncio.gather(short.done, long.done, return_exceptions=True), 120)
         assert decoder.load == 0
         later = decoder.submit([1, 2], Sampling(max_chars=50, seed=0))
         await later.done
@@ -521,7 +521,8 @@ def test_only_json_bodies_are_read(server):
 def test_overload_is_429_with_retry_after(server):
     """The tight app decodes one sequence and queues none: a second request while one streams is refused."""
     url = server + "/tight"
-    with post(url, "/v1/generate", {"prime": PRIME, "max_chars": 400, "stream": True, "seed": 1}, stream=True) as busy:
+    # 2000 characters, the tight app's limit: 2000 decode steps, while the refusals take two round trips.
+    with post(url, "/v1/generate", {"prime": PRIME, "max_chars": 2000, "stream": True, "seed": 1}, stream=True) as busy:
         assert busy.status_code == 200
         lines = busy.iter_lines()
         assert next(line for line in lines if line.startswith(b"data:"))  # decoding has started
@@ -569,7 +570,7 @@ def test_32_concurrent_clients_are_batched_and_seeds_hold(server, ray_local):
                  for line in f.read_text(errors="replace").splitlines() if "charrnn decoder:" in line]
         biggest = max((int(m.group(1)) for m in (re.search(r"batch mean [\d.]+ max (\d+)", l) for l in lines) if m),
                       default=0)
-        if biggest > 1 or time.time() > deadline:
+        if biggest > 8 or time.time() > deadline:
             break
         time.sleep(0.5)
     assert biggest > 8, lines[-5:]

@@ -234,10 +234,10 @@ def test_a_killed_replica_is_replaced_and_requests_keep_succeeding(server):
             assert time.monotonic() < deadline, f"no replacement replica: {pids} {states}"
             time.sleep(0.5)
         replaced_at = time.monotonic()
-        # Some load on the new replica too, and enough requests in all that the ones in flight at the
-        # kill (at most one per client) are at most 1% of them (within a time limit).
-        while (time.monotonic() < replaced_at + 3 or len(load.results) < 100 * CLIENTS) \
-                and time.monotonic() < killed_at + 120:
+        # Load on the new set too, counted in requests, not seconds: however slow the machine.
+        while len(load.results) < 100 * CLIENTS or \
+                sum(r[0] > replaced_at and r[2] == 200 for r in list(load.results)) < 4 * CLIENTS:
+            assert time.monotonic() < replaced_at + 600, "the load stalled after the replacement"
             time.sleep(0.2)
     stopped = time.monotonic()
 
@@ -248,8 +248,10 @@ def test_a_killed_replica_is_replaced_and_requests_keep_succeeding(server):
           f"replaced in {replaced_at - killed_at:.1f} s; slowest {max(r[1] for r in results):.2f} s")
     for t0, elapsed, status, retry_after, body in failures:
         print(f"  {t0 - killed_at:+.2f} s after the kill, {elapsed:.2f} s: {status} {retry_after} {body[:150]!r}")
-    assert len(results) >= 300, len(results)
-    assert len(failures) <= 0.01 * len(results), (len(failures), len(results), dict(statuses))
+    # Only the requests in flight on the killed replica may fail (at most one per client), and none
+    # sent once the replacement was serving.
+    assert len(failures) <= CLIENTS, (len(failures), len(results), dict(statuses))
+    assert all(t0 < replaced_at for t0, *_ in failures), failures
     assert max(r[1] for r in results) < TIMEOUT_S
     for _, _, status, retry_after, body in failures:
         assert status == 503, (status, body)
