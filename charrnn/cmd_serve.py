@@ -59,6 +59,9 @@ def add_commands(sub) -> None:
     limits.add_argument("--max-queued", type=int, default=d.max_queued,
                         help=f"sequences (series: requests) waiting per replica; beyond, 429 with Retry-After "
                              f"(default {d.max_queued})")
+    limits.add_argument("--max-queued-chars", type=int, default=d.max_queued_chars,
+                        help=f"characters of primes and scores waiting for the network per replica; beyond, 429 "
+                             f"(default {d.max_queued_chars})")
     add_address_option(p)
     p.set_defaults(run=_run_serve)
 

@@ -98,21 +98,24 @@ class CharRNNServer:
         authorize(request, self.api_key_sha256)
         return await read_json(request, self.limits.max_body_bytes)
 
-    def _admit(self, sequences: int) -> None:
+    def _admit(self, sequences: int, chars: int) -> None:
+        """Room for `sequences` more and `chars` more characters to prime or score, or 429."""
         capacity = self.limits.max_concurrent + self.limits.max_queued
         if self.decoder.load + sequences > capacity:
             raise overloaded(f"{self.decoder.load} sequences are decoding or waiting", capacity)
+        if self.decoder.queued_chars + chars > self.limits.max_queued_chars:
+            raise overloaded(f"{self.decoder.queued_chars} characters are waiting to be primed or scored",
+                             self.limits.max_queued_chars)
 
     def _submit(self, prompts: list[str], n: int, sampling, sink=None) -> list:
-        """n sequences per prompt, choice j seeded seed + j; the prompt's characters outside the
-        vocabulary read as the unknown id."""
-        self._admit(len(prompts) * n)
+        """n sequences per prompt, choice j seeded seed + j, the prompt primed once for all n; the
+        prompt's characters outside the vocabulary read as the unknown id."""
+        self._admit(len(prompts) * n, sum(map(len, prompts)))
         seqs = []
         for prompt in prompts:
-            ids = self.vocab.encode(prompt).tolist()
-            for j in range(n):
-                s = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + j)
-                seqs.append(self.decoder.submit(ids, s, sink, index=len(seqs)))
+            samplings = [sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + j)
+                         for j in range(n)]
+            seqs += self.decoder.submit_group(self.vocab.encode(prompt).tolist(), samplings, sink, len(seqs))
         return seqs
 
     @staticmethod
@@ -229,7 +232,7 @@ class CharRNNServer:
     @api.post("/v1/score")
     async def score(self, request: Request):
         text = parse_score(await self._json(request), self.limits)
-        self._admit(1)
+        self._admit(1, len(text))
         total, count = await self.decoder.score(self.vocab.encode(text).tolist())
         return {"loss": total / count, "bits_per_char": bits_per_char(total / count), "chars": count,
                 "model": self.name}

@@ -3,9 +3,10 @@
 One background asyncio task owns the batch. Each turn it lets newly primed sequences join, then runs
 ONE batched model step for every active row and samples each row's next character with that row's
 own temperature, top-k, top-p and torch.Generator; a finished row leaves at once. The next step
-starts while the event loop hands out the last one's characters. A prime goes through the network
-in one forward pass, on a second thread, so a long prime never stalls the others' decoding. The
-torch work runs off the event loop, which stays free for HTTP.
+starts while the event loop hands out the last one's characters. Primes and scores go through the
+network in slices between the steps, on the same thread (chunked prefill, deploy/prefill.py), so
+neither a long prime nor a pile of scores stalls decoding or a new request. The torch work runs
+off the event loop, which stays free for HTTP.
 
 Same seed, same text, whatever else is in the batch: sampling draws one uniform per row from the
 row's own generator (Sequence.next_uniform, models.sample_next), and the batched step is padded to
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models import CharRNN, sample_next, score
+from deploy.prefill import Prefill, PrimeJob, ScoreJob
+from models import CharRNN, sample_next
 
 UNIFORM_BLOCK = 256
 
@@ -139,9 +141,11 @@ class Decoder:
         self.flush_chars, self.flush_interval_s = flush_chars, flush_interval_s
         self.log_interval_s, self.logger = log_interval_s, logger or logging.getLogger("ray.serve")
         self.min_step_batch = min_step_batch or self.measure_min_step_batch(model, max_batch)
-        # One thread steps the batch, one primes and scores: torch releases the GIL in its kernels.
+        # One thread runs the torch work: decode steps, and prefill slices between them.
         self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="charrnn-step")
-        self._prime_pool = ThreadPoolExecutor(1, thread_name_prefix="charrnn-prime")
+        self._prefill = Prefill(self.device)
+        self._last_step_s = 0.0  # the last decode step's time: prefill's share between two steps
+        self._turn_prefilled: list = []  # the jobs the last turn handed back
         # The batch. The step thread rebinds it to a new list, never changes a list in place: the
         # event loop reads it while the next step runs; it writes it only with no step in flight.
         self._rows: list[Sequence] = []
@@ -164,29 +168,51 @@ class Decoder:
         """Sequences being primed, waiting or decoded, plus scores running: what admission counts."""
         return self._load
 
+    @property
+    def queued_chars(self) -> int:
+        """Characters of primes and scores not yet through the network: admission's other measure."""
+        return self._prefill.chars
+
     def submit(self, prime: list[int], sampling: Sampling, sink: asyncio.Queue | None = None,
                index: int = 0) -> Sequence:
         """Start sampling after `prime` (at least one id). Await `seq.done`; streams read `sink`."""
+        return self.submit_group(prime, [sampling], sink, index)[0]
+
+    def submit_group(self, prime: list[int], samplings: list[Sampling], sink: asyncio.Queue | None = None,
+                     first_index: int = 0) -> list[Sequence]:
+        """One sequence per sampling after the same `prime`, which runs through the network once."""
         if not prime:
             raise ValueError("the prime must hold at least one id")
         if self._stopped:
             raise self._stopped
         loop = asyncio.get_running_loop()
         self._start(loop)
-        seq = Sequence(prime, sampling, self.device, loop, sink, index)
-        self._load += 1
-        if sampling.max_chars == 0:
-            self._finish(seq, "length")
-            return seq
-        future = loop.run_in_executor(self._prime_pool, self._prime, seq)
-        future.add_done_callback(lambda f: self._primed(seq, f))
-        return seq
+        seqs = [Sequence(prime, s, self.device, loop, sink, first_index + i) for i, s in enumerate(samplings)]
+        self._load += len(seqs)
+        for seq in seqs:
+            if seq.sampling.max_chars == 0:
+                self._finish(seq, "length")
+        if waiting := [seq for seq in seqs if seq.finish_reason is None]:
+            self._prefill.add(PrimeJob(prime, waiting))
+            self._wake.set()
+        return seqs
 
     async def score(self, ids: list[int]) -> tuple[float, int]:
-        """(summed loss in nats, characters predicted) of `ids`, on the prime thread."""
+        """(summed loss in nats, characters predicted) of `ids` (at least two), sliced between decode
+        steps. Cancelling the caller drops the rest of the work."""
+        if self._stopped:
+            raise self._stopped
+        loop = asyncio.get_running_loop()
+        self._start(loop)
+        job = ScoreJob(ids, loop.create_future())
         self._load += 1
+        self._prefill.add(job)
+        self._wake.set()
         try:
-            total, count = await asyncio.get_running_loop().run_in_executor(self._prime_pool, self._score, ids)
+            total, count = await job.future
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
         finally:
             self._load -= 1
         self._stats["scored_chars"] += count
@@ -202,6 +228,7 @@ class Decoder:
                 "mean_step_cpu_ms": 1e3 * self._stats["step_cpu_seconds"] / steps if steps else 0.0,
                 "batch_histogram": {str(k): v for k, v in sorted(self._hist.items())},
                 "active": len(self._rows), "waiting": self._load - len(self._rows),
+                "queued_chars": self._prefill.chars,
                 "max_batch": self.max_batch, "min_step_batch": self.min_step_batch,
                 "running": self._task is not None and not self._task.done()}
 
@@ -214,7 +241,6 @@ class Decoder:
         if self._task is not None:
             self._task.cancel()
         self._step_pool.shutdown(wait=False, cancel_futures=True)
-        self._prime_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -233,28 +259,42 @@ class Decoder:
             return
         self._stopped = DecoderStopped(f"the decoder stopped: {task.exception()!r}")
         self.logger.error("charrnn decoder: the decode loop died", exc_info=task.exception())
+        for job in self._prefill.drain():
+            job.error = self._stopped
+            self._prefilled(job)
         for seq in self._rows + self._ready:
             if not seq.done.done():
                 self._fail(seq, self._stopped)
         self._rows, self._ready = [], []
 
-    def _primed(self, seq: Sequence, future) -> None:
-        if self._stopped:
-            self._fail(seq, self._stopped)
-        elif future.cancelled() or future.exception() is not None:
-            self._fail(seq, future.exception() if not future.cancelled() else RuntimeError("cancelled"))
-        elif seq.cancelled:
-            self._finish(seq, "cancelled")
-        else:
-            self._ready.append(seq)
-            self._wake.set()
+    def _prefilled(self, job) -> None:
+        """A prime or score the step thread finished, dropped (cancelled) or failed."""
+        self._prefill.release(job)
+        if job.kind == "score":
+            if not job.future.done():
+                if job.error is not None:
+                    job.future.set_exception(job.error)
+                elif not job.cancelled:
+                    job.future.set_result((job.total, job.count))
+            return
+        if job.done and job.error is None:
+            self._stats["prime_chars"] += len(job.ids)
+        for i, seq in enumerate(job.seqs):
+            if job.error is not None:
+                self._fail(seq, job.error)
+            elif seq.cancelled:
+                self._finish(seq, "cancelled")
+            else:  # the first sequence takes the state, the others a copy (fork)
+                seq.logits = job.logits if i == 0 else job.logits.clone()
+                seq.state = job.state if i == 0 else _state_map(torch.clone, job.state)
+                self._ready.append(seq)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         running = None  # the step in flight and the sequences it holds
         while True:
             if running is None:
-                if not self._rows and not self._ready:
+                if not self._rows and not self._ready and not self._prefill:
                     self._log(idle=True)
                     self._wake.clear()
                     await self._wake.wait()
@@ -262,9 +302,11 @@ class Decoder:
                 running = self._launch(loop)
             step, batch = running
             try:
-                finished = await step
+                finished, prefilled = await step
             except Exception as err:  # a bug, never an input: fail this batch, keep serving
                 self.logger.exception("charrnn decoder: step failed; dropping the batch")
+                for job in self._turn_prefilled:
+                    self._prefilled(job)
                 for seq in batch:
                     if seq.finish_reason:  # it finished sampling in the failed step: its text is whole
                         self._finish(seq, seq.finish_reason)
@@ -273,19 +315,21 @@ class Decoder:
                 self._rows, self._state, self._logits, self._params = [], None, None, None
                 running = None
                 continue
+            for job in prefilled:  # before the next launch: a primed sequence joins it
+                self._prefilled(job)
             # The next step starts before this one's results are handed out: the step thread
             # never waits for the event loop (it idled 8% of the time at 64 clients when it did).
-            running = self._launch(loop) if self._rows or self._ready else None
+            running = self._launch(loop) if self._rows or self._ready or self._prefill else None
             for seq in finished:
                 self._finish(seq, seq.finish_reason)
             self._flush_streams()
             self._log()
 
     def _launch(self, loop) -> tuple[asyncio.Future, list[Sequence]]:
-        """Start the next step on the step thread: (its future, every sequence it holds)."""
+        """Start the next turn on the step thread: (its future, every sequence it holds)."""
         room = self.max_batch - len(self._rows)
         join, self._ready = self._ready[:room], self._ready[room:]
-        return loop.run_in_executor(self._step_pool, self._step, join), self._rows + join
+        return loop.run_in_executor(self._step_pool, self._turn, join), self._rows + join
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
@@ -334,14 +378,14 @@ class Decoder:
     # -- torch work (on the pools' threads) -----------------------------------------------------------
 
     @torch.inference_mode()
-    def _prime(self, seq: Sequence) -> None:
-        logits, seq.state = self.model(torch.tensor([seq.prime], device=self.device))
-        seq.logits = logits[:, -1]
-        self._stats["prime_chars"] += len(seq.prime)
-
-    @torch.inference_mode()
-    def _score(self, ids: list[int]) -> tuple[float, int]:
-        return score(self.model, ids)
+    def _turn(self, join: list[Sequence]) -> tuple[list[Sequence], list]:
+        """Prefill slices for about as long as the last decode step took (or the idle budget when
+        nothing decodes), then one decode step: (rows finished, prefill jobs handed back)."""
+        decoding = bool(self._rows or join)
+        # Kept on self as well: if the step fails, the event loop still hands these jobs back.
+        self._turn_prefilled = self._prefill.run(self.model, self._last_step_s if decoding else None) \
+            if self._prefill else []
+        return (self._step(join) if decoding else []), self._turn_prefilled
 
     @torch.inference_mode()
     def _step(self, join: list[Sequence]) -> list[Sequence]:
@@ -389,7 +433,8 @@ class Decoder:
         stats["steps"] += 1
         stats["chars"] += len(rows)
         stats["max_batch_seen"] = max(stats["max_batch_seen"], len(rows))
-        stats["step_seconds"] += time.perf_counter() - start
+        self._last_step_s = time.perf_counter() - start
+        stats["step_seconds"] += self._last_step_s
         stats["step_cpu_seconds"] += time.thread_time() - cpu_start
         self._hist[len(rows)] = self._hist.get(len(rows), 0) + 1
         self._window_max = max(self._window_max, len(rows))

@@ -23,11 +23,15 @@ class Limits:
     max_body_bytes: int = 1 << 20  # request body
     max_concurrent: int = 64  # sequences decoded together per replica (the batch)
     max_queued: int = 256  # sequences waiting for a place in the batch per replica; beyond: 429
+    max_queued_chars: int = 1 << 20  # characters of primes and scores waiting for the network; beyond: 429
 
     def __post_init__(self):
         _check(self, zero_ok=("max_queued", "max_chars"))
         if self.max_n > self.max_concurrent:
             raise ValueError(f"limit max_n ({self.max_n}) must not exceed max_concurrent ({self.max_concurrent})")
+        if self.max_queued_chars < max(self.max_prime_chars * self.max_n, self.max_score_chars):
+            raise ValueError(f"limit max_queued_chars ({self.max_queued_chars}) must hold one request: at least "
+                             f"max_prime_chars x max_n and max_score_chars")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from models import CharRNN, ModelConfig, load_model, save_model, score
 from pipeline.vocab import Vocabulary
 
 LIMITS = dict(max_prime_chars=300, max_chars=400, max_n=4, max_score_chars=2000, max_body_bytes=8192,
-              max_concurrent=48, max_queued=64)
+              max_concurrent=48, max_queued=64, max_queued_chars=4000)
 DECODER = dict(flush_chars=8, log_interval_s=0.2)  # small chunks and frequent log lines, for the tests
 PRIME = "The cat "
 

@@ -1,0 +1,124 @@
+"""Chunked prefill: primes and texts to score go through the network in slices, between decode steps.
+
+A prime or a score runs whole in one forward pass only if nothing else waits: 40 scores of 64K
+characters in a row kept a one-character generate waiting 95 s, and any decoding stream stalled
+meanwhile. Here each job advances a slice at a time, its state carried from slice to slice. The
+decoder's step thread gives prefill, between two decode steps, about as much time as one decode
+step took (so streams keep at least about half their speed), or a longer stretch when nothing
+decodes. Primes go before scores (a prime is what a waiting client's first character waits for),
+round-robin within each kind, so a short job never waits behind a long one's whole length. A
+prime shared by n sequences (n > 1, or several choices of one prompt) runs once; its state is
+forked to them. A job whose clients all went away is dropped before its next slice.
+
+Pure PyTorch, driven by deploy.decoder: no asyncio here."""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+MIN_SLICE = 8  # characters: below this the per-call overhead dominates
+MAX_SLICE = 2048
+
+
+class PrimeJob:
+    """The prime shared by `seqs` (decoder Sequences): done when `logits` and `state` are set."""
+    kind = "prime"
+
+    def __init__(self, ids: list[int], seqs: list):
+        self.ids, self.seqs, self.pos = ids, seqs, 0
+        self.state = self.logits = self.error = None
+
+    @property
+    def cancelled(self) -> bool:
+        return all(s.cancelled for s in self.seqs)
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.ids)
+
+    def advance(self, model, ids: torch.Tensor) -> None:
+        logits, self.state = model(ids[None], self.state)
+        self.logits = logits[:, -1]
+
+
+class ScoreJob:
+    """The summed loss (nats) of predicting each of `ids` after the ones before it."""
+    kind = "score"
+
+    def __init__(self, ids: list[int], future):
+        self.ids, self.future, self.pos = ids, future, 0
+        self.state, self.total, self.count, self.cancelled, self.error = None, 0.0, 0, False, None
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.ids) - 1
+
+    def advance(self, model, ids: torch.Tensor) -> None:
+        targets = torch.tensor(self.ids[self.pos + 1 : self.pos + 1 + len(ids)], device=ids.device)
+        logits, self.state = model(ids[None], self.state)
+        self.total += F.cross_entropy(logits[0].float(), targets, reduction="sum").item()
+        self.count += len(targets)
+
+
+class Prefill:
+    """The jobs waiting for or in prefill. The event loop adds (deque appends are atomic); the step
+    thread runs and removes; `chars` (admission's measure) is the event loop's alone."""
+
+    def __init__(self, device, idle_budget_s: float = 0.05):
+        self.device, self.idle_budget_s = device, idle_budget_s
+        self._primes: deque = deque()
+        self._scores: deque = deque()
+        self.chars = 0  # characters of the jobs added and not yet handed back
+        self.rate = 20_000.0  # characters per second of prefill, measured as it runs
+
+    def __bool__(self) -> bool:
+        return bool(self._primes or self._scores)
+
+    def add(self, job) -> None:
+        self.chars += len(job.ids)
+        (self._primes if job.kind == "prime" else self._scores).append(job)
+
+    def release(self, job) -> None:
+        self.chars -= len(job.ids)
+
+    def drain(self) -> list:
+        """Every job not handed back yet, removed (the decoder stopped)."""
+        jobs = list(self._primes) + list(self._scores)
+        self._primes.clear()
+        self._scores.clear()
+        return jobs
+
+    def run(self, model, budget_s: float | None) -> list:
+        """Advance the jobs for about `budget_s` (None: nothing is decoding, so the longer idle
+        budget); return the ones finished or dropped (cancelled). On the step thread."""
+        budget_s = self.idle_budget_s if budget_s is None else budget_s
+        start, ended = time.perf_counter(), []
+        while self._primes or self._scores:
+            queue = self._primes or self._scores
+            job = queue[0]
+            if job.cancelled:
+                ended.append(queue.popleft())
+                continue
+            left = budget_s - (time.perf_counter() - start)
+            size = int(min(MAX_SLICE, max(MIN_SLICE, left * self.rate)))
+            end = min(job.pos + size, len(job.ids) - (job.kind == "score"))
+            t = time.perf_counter()
+            queue.popleft()
+            try:
+                job.advance(model, torch.tensor(job.ids[job.pos : end], device=self.device))
+            except Exception as err:  # a bug, never an input: this job fails, the others go on
+                job.error = err
+                ended.append(job)
+                continue
+            self.rate = 0.8 * self.rate + 0.2 * (end - job.pos) / max(time.perf_counter() - t, 1e-6)
+            job.pos = end
+            if job.done:
+                ended.append(job)
+            else:
+                queue.append(job)  # round-robin: the next job of this kind goes first
+            if time.perf_counter() - start >= budget_s:
+                break
+        return ended
