@@ -240,6 +240,65 @@ def test_decoder_survives_a_failing_step(run_dir):
         decoder.close()
 
 
+def _decoder(run_dir, **kw) -> Decoder:
+    model, _, vocab_json, _ = load_model(run_dir / "model")
+    return Decoder(model, list(Vocabulary.from_json(vocab_json).chars) + ["?"], **{"max_batch": 8, **kw})
+
+
+def test_a_short_prime_is_not_kept_waiting_behind_long_scores(run_dir):
+    """Chunked prefill: a one-character generate submitted after six long scores gets its text
+    while they are still being scored, and a stream already decoding keeps decoding meanwhile."""
+    decoder = _decoder(run_dir)
+    text = [1, 2, 3, 4, 5, 6, 7] * 3000
+
+    async def go():
+        stream = decoder.submit([1, 2], Sampling(max_chars=300, seed=0))
+        scores = [asyncio.ensure_future(decoder.score(text)) for _ in range(6)]
+        await asyncio.sleep(0)
+        short = decoder.submit([3], Sampling(max_chars=1, seed=0))
+        await short.done
+        assert not any(s.done() for s in scores)  # the short one did not wait for a whole score
+        await stream.done
+        assert not all(s.done() for s in scores)  # nor did the stream wait for all of them
+        results = await asyncio.gather(*scores)
+        assert decoder.queued_chars == 0 and decoder.load == 0
+        return results
+
+    try:
+        results = asyncio.run(go())
+        model, _, _, _ = load_model(run_dir / "model")
+        total, count = score(model, text)
+        assert all(c == count and t == pytest.approx(total, rel=1e-4) for t, c in results)  # slicing keeps the sum
+    finally:
+        decoder.close()
+
+
+def test_n_sequences_share_one_prime_and_a_cancelled_prime_never_runs(run_dir):
+    decoder = _decoder(run_dir)
+    prime = [1, 2, 3, 4, 5] * 40
+
+    async def go():
+        samplings = [Sampling(max_chars=40, seed=s) for s in (5, 6, 7)]
+        forked = decoder.submit_group(prime, samplings)
+        await asyncio.gather(*(s.done for s in forked))
+        primed_once = decoder.stats()["prime_chars"]
+        alone = [decoder.submit(prime, s) for s in samplings]
+        await asyncio.gather(*(s.done for s in alone))
+        gone = decoder.submit(prime, Sampling(max_chars=40, seed=1))
+        gone.cancel()  # the client left before the decoder took the prime up
+        await gone.done
+        return forked, alone, primed_once, gone
+
+    try:
+        forked, alone, primed_once, gone = asyncio.run(go())
+        assert primed_once == len(prime)
+        assert [s.text for s in forked] == [s.text for s in alone]  # a fork samples what its own prime would
+        assert gone.finish_reason == "cancelled" and gone.text == ""
+        assert decoder.stats()["prime_chars"] == 4 * len(prime)  # the cancelled prime never ran
+    finally:
+        decoder.close()
+
+
 def test_a_dead_decode_loop_fails_its_requests_and_the_health_check(run_dir):
     """A bug outside the step (here in handing out streamed text) ends the decode loop: what it held
     fails at once instead of waiting forever, new work is refused, and check() (the replica's
