@@ -379,8 +379,8 @@ class Decoder:
 
     @torch.inference_mode()
     def _turn(self, join: list[Sequence]) -> tuple[list[Sequence], list]:
-        """Prefill slices for about as long as the last decode step took (or the idle budget when
-        nothing decodes), then one decode step: (rows finished, prefill jobs handed back)."""
+        """Prefill slices for a share of the last decode step's time (or the idle budget when nothing
+        decodes), then one decode step: (rows finished, prefill jobs handed back)."""
         decoding = bool(self._rows or join)
         # Kept on self as well: if the step fails, the event loop still hands these jobs back.
         self._turn_prefilled = self._prefill.run(self.model, self._last_step_s if decoding else None) \

@@ -3,9 +3,9 @@
 A prime or a score runs whole in one forward pass only if nothing else waits: 40 scores of 64K
 characters in a row kept a one-character generate waiting 95 s, and any decoding stream stalled
 meanwhile. Here each job advances a slice at a time, its state carried from slice to slice. The
-decoder's step thread gives prefill, between two decode steps, about as much time as one decode
-step took (so streams keep at least about half their speed), or a longer stretch when nothing
-decodes. Primes go before scores (a prime is what a waiting client's first character waits for),
+decoder's step thread gives prefill, between two decode steps, `share` of the time one decode step
+took (half by default, so streams keep about two thirds of their speed), or a longer stretch when
+nothing decodes. Primes go before scores (a prime is what a waiting client's first character waits for),
 round-robin within each kind, so a short job never waits behind a long one's whole length. A
 prime shared by n sequences (n > 1, or several choices of one prompt) runs once; its state is
 forked to them. A job whose clients all went away is dropped before its next slice.
@@ -67,8 +67,8 @@ class Prefill:
     """The jobs waiting for or in prefill. The event loop adds (deque appends are atomic); the step
     thread runs and removes; `chars` (admission's measure) is the event loop's alone."""
 
-    def __init__(self, device, idle_budget_s: float = 0.05):
-        self.device, self.idle_budget_s = device, idle_budget_s
+    def __init__(self, device, share: float = 0.5, idle_budget_s: float = 0.05):
+        self.device, self.share, self.idle_budget_s = device, share, idle_budget_s
         self._primes: deque = deque()
         self._scores: deque = deque()
         self.chars = 0  # characters of the jobs added and not yet handed back
@@ -91,10 +91,11 @@ class Prefill:
         self._scores.clear()
         return jobs
 
-    def run(self, model, budget_s: float | None) -> list:
-        """Advance the jobs for about `budget_s` (None: nothing is decoding, so the longer idle
-        budget); return the ones finished or dropped (cancelled). On the step thread."""
-        budget_s = self.idle_budget_s if budget_s is None else budget_s
+    def run(self, model, step_s: float | None) -> list:
+        """Advance the jobs for about `share` x `step_s`, the last decode step's time (None: nothing
+        is decoding, so the idle budget); return the ones finished, dropped (cancelled) or failed.
+        On the step thread."""
+        budget_s = self.idle_budget_s if step_s is None else self.share * step_s
         start, ended = time.perf_counter(), []
         while self._primes or self._scores:
             queue = self._primes or self._scores
