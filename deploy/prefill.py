@@ -1,8 +1,8 @@
 """Chunked prefill: primes and texts to score go through the network in slices, between decode steps.
 
-A prime or a score runs whole in one forward pass only if nothing else waits: 40 scores of 64K
-characters in a row kept a one-character generate waiting 95 s, and any decoding stream stalled
-meanwhile. Here each job advances a slice at a time, its state carried from slice to slice. The
+Run whole, one after another, a pile of long scores kept a one-character generate waiting for all
+of them (BENCHMARKS.md). Here each job advances a slice at a time, its state carried from slice to
+slice. The
 decoder's step thread gives prefill, between two decode steps, `share` of the time one decode step
 took (half by default, so streams keep about two thirds of their speed), or a longer stretch when
 nothing decodes. Primes go before scores (a prime is what a waiting client's first character waits for),
