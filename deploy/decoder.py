@@ -146,6 +146,7 @@ class Decoder:
         self._prefill = Prefill(self.device)
         self._last_step_s = 0.0  # the last decode step's time: prefill's share between two steps
         self._turn_prefilled: list = []  # the jobs the last turn handed back
+        self._in_flight: list[Sequence] = []  # the rows of the turn last launched, joining ones included
         # The batch. The step thread rebinds it to a new list, never changes a list in place: the
         # event loop reads it while the next step runs; it writes it only with no step in flight.
         self._rows: list[Sequence] = []
@@ -262,10 +263,10 @@ class Decoder:
         for job in self._prefill.drain():
             job.error = self._stopped
             self._prefilled(job)
-        for seq in self._rows + self._ready:
+        for seq in dict.fromkeys(self._in_flight + self._rows + self._ready):  # each once
             if not seq.done.done():
                 self._fail(seq, self._stopped)
-        self._rows, self._ready = [], []
+        self._rows, self._ready, self._in_flight = [], [], []
 
     def _prefilled(self, job) -> None:
         """A prime or score the step thread finished, dropped (cancelled) or failed."""
@@ -329,7 +330,8 @@ class Decoder:
         """Start the next turn on the step thread: (its future, every sequence it holds)."""
         room = self.max_batch - len(self._rows)
         join, self._ready = self._ready[:room], self._ready[room:]
-        return loop.run_in_executor(self._step_pool, self._turn, join), self._rows + join
+        self._in_flight = self._rows + join
+        return loop.run_in_executor(self._step_pool, self._turn, join), self._in_flight
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
