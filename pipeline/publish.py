@@ -23,6 +23,7 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 from pipeline.errors import CorpusError
+from pipeline.sources import GLOB_CHARS, resolve_filesystem
 
 MANIFEST = "manifest.json"
 DATASET_FORMATS = ("charrnn-text-dataset", "charrnn-series-dataset")
@@ -37,13 +38,11 @@ def check_out_location(fs: pafs.FileSystem, path: str, shown: str, inputs: list[
     path = _canonical(fs, path)
     if path in ("/", "") or (isinstance(fs, pafs.LocalFileSystem) and path == _canonical(fs, os.path.expanduser("~"))):
         raise CorpusError(f"{flag} {shown} is {'the root' if path in ('/', '') else 'the home'} folder; choose a folder of its own")
-    from pipeline.sources import resolve_filesystem  # sources imports this module's errors only
-
     for item in inputs:
         item_fs, item_path = resolve_filesystem(item)
         if item_fs.type_name != fs.type_name:
             continue
-        item_path = _canonical(item_fs, re.split(r"[*?\[]", item_path, maxsplit=1)[0].rstrip("/") or "/")
+        item_path = _canonical(item_fs, GLOB_CHARS.split(item_path, maxsplit=1)[0].rstrip("/") or "/")
         if _within(path, item_path) or _within(item_path, path):
             raise CorpusError(f"{flag} {shown} overlaps the input {item}; write the output outside the inputs")
 

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 
 from pipeline.errors import CorpusError
 
-_GLOB_CHARS = re.compile(r"[*?\[]")
+GLOB_CHARS = re.compile(r"[*?\[]")
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 
 
@@ -100,7 +100,7 @@ def expand_inputs(inputs: list[str]) -> list[SourceFile]:
 
 def _expand_one(item: str) -> list[SourceFile]:
     fs, path = resolve_filesystem(item)
-    if _GLOB_CHARS.search(path):
+    if GLOB_CHARS.search(path):
         return _expand_glob(fs, item, path)
     info = _get_info(fs, path, item)
     if info.type == pafs.FileType.NotFound:
@@ -144,7 +144,7 @@ def _join_shown(shown_root: str, rel: str) -> str:
 def _expand_glob(fs, item: str, path: str) -> list[SourceFile]:
     """`*` and `?` stay inside one folder, `**` spans folders, as in the shell."""
     parts = path.split("/")
-    fixed = next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))
+    fixed = next(i for i, part in enumerate(parts) if GLOB_CHARS.search(part))
     base = "/".join(parts[:fixed]) or "/"
     pattern = re.compile(_glob_to_regex("/".join(parts[fixed:])))
     shown_base = item[: len(item) - len("/".join(parts[fixed:]))]
