@@ -46,7 +46,7 @@ def random_model(text: str, folder: Path, hidden: int, layers: int) -> Path:
 
     sys.path.insert(0, str(REPO))
     from models import CharRNN, ModelConfig, save_model
-    from pipeline.vocab import Vocabulary
+    from pipeline.text.vocab import Vocabulary
 
     vocab = Vocabulary(sorted(set(text)))
     torch.manual_seed(0)

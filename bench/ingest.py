@@ -303,7 +303,7 @@ def inprocess_prepare(corpus: dict, warmup: dict, out: Path, num_cpus: int, inte
 
     import ray
 
-    from pipeline import PrepareOptions, prepare
+    from pipeline.text.prepare import PrepareOptions, prepare
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # progress lines on stderr
 

@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere, installed or not
 from deploy.client import CharRNNClient  # noqa: E402
 from deploy.source import resolve  # noqa: E402
 from models import CharRNN, ModelConfig, load_model, save_model  # noqa: E402
-from pipeline.vocab import UNKNOWN_CHAR, Vocabulary  # noqa: E402
+from pipeline.text.vocab import UNKNOWN_CHAR, Vocabulary  # noqa: E402
 
 BASELINE = Path("/work/shared/baselines/notebook_charrnn.py")
 CORPUS = Path("/work/shared/data/anna.txt")

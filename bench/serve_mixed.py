@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from deploy.client import CharRNNClient  # noqa: E402
 from deploy.source import resolve  # noqa: E402
 from models import CharRNN, ModelConfig, save_model  # noqa: E402
-from pipeline.vocab import Vocabulary  # noqa: E402
+from pipeline.text.vocab import Vocabulary  # noqa: E402
 
 
 def small_model(folder: Path) -> None:

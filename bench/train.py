@@ -192,7 +192,7 @@ def bare_loop(job: dict) -> None:
     import torch
 
     from models import CharRNN, ModelConfig
-    from pipeline import PreparedDataset
+    from pipeline.text.dataset import PreparedDataset
     from training.step import choose_precision, keep_freed_memory, make_optimizer, train_step
     from training.windows import EpochStream, windows
 
@@ -364,7 +364,7 @@ def measure_config(name: str, data: Path, args, bf16: str) -> dict:
 
 
 def open_dataset(data: Path):
-    from pipeline import PreparedDataset
+    from pipeline.text.dataset import PreparedDataset
 
     return PreparedDataset(str(data))
 

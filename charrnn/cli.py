@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         if not _is_user_error(err):
             raise
-        from pipeline.sources import redact_uris  # light: no Ray, no torch
+        from storage import redact_uris  # light: no Ray, no torch
 
         print(f"charrnn {args.command}: error: {redact_uris(str(err))}", file=sys.stderr)
         code = 2

@@ -38,8 +38,8 @@ def _add_prepare(sub) -> None:
 
 
 def _run_prepare(args) -> int:
-    from pipeline import PrepareOptions, prepare
-    from pipeline.sources import public_location
+    from pipeline.text.prepare import PrepareOptions, prepare
+    from storage import public_location
 
     errors = args.errors or ("strict" if args.inputs else "replace")
     options = PrepareOptions(min_count=args.min_count, max_vocab=args.max_vocab, val_fraction=args.val_fraction,
@@ -99,8 +99,8 @@ def _add_prepare_series(sub) -> None:
 
 
 def _run_prepare_series(args) -> int:
-    from pipeline import SeriesOptions, prepare_series
-    from pipeline.sources import public_location
+    from pipeline.series.prepare import SeriesOptions, prepare_series
+    from storage import public_location
 
     columns = tuple(c.strip() for c in args.column.split(",")) if args.column else ()
     options = SeriesOptions(columns=columns, series_id=args.series_id, val_fraction=args.val_fraction,
@@ -140,7 +140,7 @@ def _add_verify(sub) -> None:
 
 
 def _run_verify(args) -> int:
-    from pipeline.series import open_prepared
+    from pipeline.shards import open_prepared
 
     dataset = open_prepared(args.dataset)
     problems = dataset.verify()

@@ -41,7 +41,7 @@ def _run_forecast(args) -> int:
     if args.steps < 1:
         return _fail(f"--steps must be >= 1, got {args.steps}")
     from models import Normalization, forecast, load_series_model
-    from pipeline.series import read_points
+    from pipeline.series.read import read_points
 
     model, _, series, _ = load_series_model(model_folder(args.model))
     columns = series["columns"]

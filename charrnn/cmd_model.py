@@ -38,7 +38,7 @@ def add_commands(sub) -> None:
 def load(location: str):
     """(model, Vocabulary) from a run folder or a model folder."""
     from models import ModelFolderError, load_model
-    from pipeline.vocab import Vocabulary
+    from pipeline.text.vocab import Vocabulary
 
     path = Path(location)
     if (path / "model" / "config.json").exists() or not (path / "config.json").exists() and (path / "model").is_dir():
@@ -89,7 +89,7 @@ def _run_sample(args) -> int:
 def _run_eval(args) -> int:
     from models import score
     from models.generate import bits_per_char
-    from pipeline.vocab import normalize_newlines
+    from pipeline.text.vocab import normalize_newlines
 
     if args.lanes is not None and args.lanes < 1 or args.burn_in < 0:
         return _fail("--lanes must be >= 1 and --burn-in >= 0")

@@ -45,7 +45,7 @@ def _run_quickstart(args) -> int:
 
     from deploy.app import build_app
     from deploy.client import CharRNNClient
-    from pipeline import PrepareOptions, prepare
+    from pipeline.text.prepare import PrepareOptions, prepare
     from training.driver import train
 
     if args.minutes <= 0:

@@ -144,7 +144,7 @@ def _run_serve(args) -> int:
     from deploy.ingress import api_key_digest, parse_autoscale
     from deploy.limits import LIMIT_NAMES, limits_for
     from deploy.series_app import build_series_app
-    from pipeline.sources import public_location
+    from storage import public_location
 
     try:
         task = source.task(source.resolve(args.model))

@@ -109,7 +109,7 @@ def _run_submit(args) -> int:
         _note(f"submitted job {job_id} to {url}; follow it with `ray job logs --follow {job_id} --address {url}`, "
               f"stop it with `ray job stop {job_id} --address {url}`")
         return 0
-    from pipeline.sources import redact_uris
+    from storage import redact_uris
 
     _note(redact_uris(f"submitted job {job_id} to {url}: {entrypoint}"))
     _note("following its logs; Ctrl-C stops the job")

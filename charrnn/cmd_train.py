@@ -66,7 +66,7 @@ def add_commands(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from pipeline.sources import public_location
+    from storage import public_location
     from training.config import TrainConfig
     from training.driver import train
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from deploy.decoder import Sampling
 from deploy.limits import Limits, SeriesLimits
-from pipeline.vocab import normalize_newlines
+from pipeline.text.vocab import normalize_newlines
 
 MAX_TEMPERATURE = 100.0  # already next to uniform; float32 must hold 1 / temperature
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)

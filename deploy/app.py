@@ -30,8 +30,8 @@ from deploy.ingress import (RETRY_AFTER_S, authorize, builder_arguments, deploym
                             install_error_handlers, overloaded, read_json)
 from deploy.limits import Limits
 from models.generate import bits_per_char
-from pipeline.sources import public_location
-from pipeline.vocab import UNKNOWN_CHAR
+from storage import public_location
+from pipeline.text.vocab import UNKNOWN_CHAR
 
 logger = logging.getLogger("ray.serve")
 

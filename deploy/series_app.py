@@ -26,7 +26,7 @@ from deploy.ingress import (authorize, builder_arguments, deployment_options, in
                             read_json)
 from deploy.limits import SeriesLimits
 from models import Normalization, forecast
-from pipeline.sources import public_location
+from storage import public_location
 
 logger = logging.getLogger("ray.serve")
 BATCH_WAIT_S = 0.005  # what a lone request pays for the chance of company; a busy replica batches anyway

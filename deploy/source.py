@@ -10,8 +10,8 @@ from pathlib import Path
 
 from models import ModelFolderError, load_model, load_series_model, model_task
 from models.folder import CONFIG, WEIGHTS
-from pipeline.sources import join_location, public_location
-from pipeline.vocab import Vocabulary
+from storage import join_location, public_location
+from pipeline.text.vocab import Vocabulary
 
 
 def _is_uri(location: str) -> bool:

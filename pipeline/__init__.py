@@ -1,10 +1,11 @@
-"""Corpus -> shards: `prepare` turns text into a prepared dataset folder, `PreparedDataset` opens one;
-`prepare_series` and `PreparedSeries` do the same for numeric time series. Knows nothing of models."""
-from pipeline.dataset import PreparedDataset
-from pipeline.errors import CorpusError
-from pipeline.prepare import PrepareOptions, prepare
-from pipeline.series import PreparedSeries, SeriesOptions, prepare_series
-from pipeline.vocab import Vocabulary
+"""Corpus -> prepared dataset (docs/contracts.md, sections 1 and 4.1). Knows nothing of models.
 
-__all__ = ["CorpusError", "PrepareOptions", "PreparedDataset", "PreparedSeries", "SeriesOptions", "Vocabulary",
-           "prepare", "prepare_series"]
+shards.py     what both kinds share: splits, manifest, shard files, ShardedDataset, open_prepared
+sources.py    the user's INPUTs (files, folders, globs, URIs) as a sorted list of files
+errors.py     CorpusError
+text/         `charrnn prepare`: vocab.py (no Ray: sample and serve use it), ranges.py (byte ranges
+              as Ray Data read tasks), prepare.py, dataset.py (PreparedDataset)
+series/       `charrnn prepare-series`: read.py (checked CSV/Parquet reading), source.py (its Ray
+              Data datasource), prepare.py, dataset.py (PreparedSeries)
+
+Importing this package, or pipeline.text.vocab, loads neither Ray nor the readers."""

@@ -3,18 +3,14 @@ sorted list of source files. Nothing here reads file contents."""
 from __future__ import annotations
 
 import os
-import posixpath
 import re
 import sysconfig
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
 from pipeline.errors import CorpusError
-
-GLOB_CHARS = re.compile(r"[*?\[]")
-_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+from storage import GLOB_CHARS, public_location, resolve_filesystem
 
 
 @dataclass(frozen=True)
@@ -28,53 +24,6 @@ class SourceFile:
     def shown(self) -> str:
         """What messages and manifests show: the URI without its query or credentials."""
         return public_location(self.uri)
-
-
-def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    """A local path (relative or absolute) or any URI pyarrow.fs understands."""
-    if "://" not in location:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
-    try:
-        return pafs.FileSystem.from_uri(location)
-    except (pafs.ArrowInvalid, ValueError, OSError) as err:  # unknown scheme, bad bucket, ...
-        raise CorpusError(f"cannot open {location}: {err}") from None
-
-
-def public_location(location: str) -> str:
-    """`location` as it may be shown or stored: a URI without its query (endpoint_override, access
-    keys, ...) and without user:password@; a local path unchanged."""
-    if "://" not in location:
-        return location
-    parts = urlsplit(location)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def redact_uris(text: str) -> str:
-    """`text` with every URI in it shown as public_location shows it (for messages and logs)."""
-    return _URI.sub(lambda m: public_location(m.group(0)), text)
-
-
-def with_access_of(location: str, like: str) -> str:
-    """A stored (public) `location` made openable again with the query and credentials of `like`,
-    the URI the user gave this time, when both name the same scheme (the query says how to reach
-    that kind of store: endpoint, keys)."""
-    if "://" not in location or "://" not in like:
-        return location
-    stored, given = urlsplit(location), urlsplit(like)
-    if stored.scheme != given.scheme or stored.query:
-        return location
-    user = given.netloc.rpartition("@")[0]
-    return urlunsplit((stored.scheme, f"{user}@{stored.netloc}" if user else stored.netloc, stored.path, given.query, ""))
-
-
-def join_location(location: str, name: str) -> str:
-    """`name` inside the folder `location`: a local path, or a URI whose query (endpoint_override=...)
-    stays at the end."""
-    if "://" not in location:
-        return os.path.join(location, name)
-    parts = urlsplit(location)
-    return urlunsplit(parts._replace(path=posixpath.join(parts.path, name)))
 
 
 def default_corpus_root() -> str:

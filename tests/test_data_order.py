@@ -4,7 +4,8 @@ whose union is the epoch; and a lane walk that resumes exactly where it was save
 import numpy as np
 import pytest
 
-from pipeline import PrepareOptions, PreparedDataset, prepare
+from pipeline.text.dataset import PreparedDataset
+from pipeline.text.prepare import PrepareOptions, prepare
 from training.order import epoch_runs
 from training.tasks import TextTask
 from training.windows import EpochStream, Lanes

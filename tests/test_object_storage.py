@@ -111,19 +111,19 @@ def test_prepare_replaces_a_dataset_on_s3_whole(bucket, tmp_path):
 
 
 def test_an_interrupted_copy_in_may_be_replaced_but_a_foreign_folder_may_not(bucket):
-    from pipeline.errors import CorpusError
-    from pipeline.publish import make_way
+    from pipeline.shards import DATASET
+    from storage import StorageError, make_way
 
     _, fs = bucket
     with fs.open_output_stream("charrnn/half/train/part-000000-0000000000000.parquet") as f:
         f.write(b"PAR1")
-    make_way(fs, "charrnn/half", "s3://charrnn/half")  # shards without a manifest: a copy-in cut short
+    make_way(fs, "charrnn/half", "s3://charrnn/half", DATASET)  # shards without a manifest: a copy-in cut short
     with fs.open_output_stream("charrnn/mine/notes.txt") as f:
         f.write(b"keep me")
-    with pytest.raises(CorpusError, match="not a charrnn dataset"):
-        make_way(fs, "charrnn/mine", "s3://charrnn/mine")
+    with pytest.raises(StorageError, match="not a charrnn dataset"):
+        make_way(fs, "charrnn/mine", "s3://charrnn/mine", DATASET)
     with fs.open_output_stream("charrnn/web/manifest.json") as f:  # someone else's manifest
         f.write(b'{"name": "ext"}')
-    with pytest.raises(CorpusError, match="not a charrnn dataset"):
-        make_way(fs, "charrnn/web", "s3://charrnn/web")
+    with pytest.raises(StorageError, match="not a charrnn dataset"):
+        make_way(fs, "charrnn/web", "s3://charrnn/web", DATASET)
     assert _read(fs, "charrnn/web/manifest.json") == '{"name": "ext"}'

@@ -8,8 +8,9 @@ import pytest
 
 from conftest import REPO, error_line, run_cli
 from models import CharRNN, ModelConfig, load_model, save_model
-from pipeline import PreparedDataset
-from pipeline.publish import make_way, out_lock
+from pipeline.text.dataset import PreparedDataset
+from pipeline.shards import DATASET
+from storage import make_way, out_lock
 
 
 def _exit_2(result) -> str:
@@ -66,7 +67,7 @@ def test_a_publish_killed_between_its_renames_gets_the_old_dataset_back(tmp_path
     stepped_aside = tmp_path / ".ds.old-0123456789ab"
     (tmp_path / "ds").rename(stepped_aside)
     (tmp_path / ".ds.partial-ba9876543210").mkdir()
-    make_way(pafs.LocalFileSystem(), str(tmp_path / "ds"), "ds")
+    make_way(pafs.LocalFileSystem(), str(tmp_path / "ds"), "ds", DATASET)
     assert PreparedDataset(str(tmp_path / "ds")).vocab.chars == old.vocab.chars
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "ds"]
 
@@ -77,7 +78,7 @@ def test_a_second_command_on_a_locked_output_fails_and_touches_nothing(tmp_path)
     (tmp_path / "run").mkdir()
     # The lock is held by another process, as a running `charrnn prepare` or `train` holds it.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, pyarrow.fs as f; from pipeline.publish import out_lock\n"
+        [sys.executable, "-c", "import sys, pyarrow.fs as f; from storage import out_lock\n"
          "with out_lock(f.LocalFileSystem(), sys.argv[1], 'ds'), out_lock(f.LocalFileSystem(), sys.argv[2], 'run'):\n"
          "    print('held', flush=True); sys.stdin.read()", str(tmp_path / "ds"), str(tmp_path / "run")],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

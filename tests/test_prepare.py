@@ -9,11 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import CorpusError, PreparedDataset, PrepareOptions, prepare
-from pipeline.dataset import token_runs
+from pipeline.errors import CorpusError
+from pipeline.text.dataset import PreparedDataset, token_runs
+from pipeline.text.prepare import PrepareOptions, prepare
 from pipeline.sources import expand_inputs
-from pipeline.text_ranges import TextRangeDatasource, snap_cut
-from pipeline.vocab import count_codepoints, count_range, decode_range, normalize_newlines
+from pipeline.text.ranges import TextRangeDatasource, snap_cut
+from pipeline.text.vocab import count_codepoints, count_range, decode_range, normalize_newlines
 
 QUIET = dict(log=lambda msg: None)
 
@@ -294,11 +295,11 @@ def test_a_manifest_is_data_never_a_path_to_follow(ray_local, tmp_path):
 
 def test_verify_streams_each_shard(ray_local, tmp_path, monkeypatch):
     """The checksum is taken block by block: a block smaller than a shard gives the same verdicts."""
-    import pipeline.dataset
+    import pipeline.shards
 
     write_corpus(tmp_path / "c", {"c.txt": b"some text to prepare\n" * 500})
     prepare([str(tmp_path / "c")], str(tmp_path / "ds"), PrepareOptions(run_length=50), **QUIET)
-    monkeypatch.setattr(pipeline.dataset, "VERIFY_BLOCK", 100)
+    monkeypatch.setattr(pipeline.shards, "VERIFY_BLOCK", 100)
     assert PreparedDataset(str(tmp_path / "ds")).verify() == []
     shard = next((tmp_path / "ds" / "train").glob("*.parquet"))
     payload = bytearray(shard.read_bytes())

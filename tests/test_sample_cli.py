@@ -7,7 +7,7 @@ import torch
 
 from conftest import error_line, run_cli
 from models import CharRNN, ModelConfig, save_model
-from pipeline.vocab import Vocabulary
+from pipeline.text.vocab import Vocabulary
 
 
 @pytest.fixture(scope="module")

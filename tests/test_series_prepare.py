@@ -7,8 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import error_line, run_cli
-from pipeline import CorpusError, PreparedSeries, SeriesOptions, prepare_series
-from pipeline.series import value_runs
+from pipeline.errors import CorpusError
+from pipeline.series.dataset import PreparedSeries
+from pipeline.series.prepare import SeriesOptions, prepare_series
+from pipeline.series.dataset import value_runs
 
 QUIET = dict(log=lambda msg: None)
 SINE = SeriesOptions(synthetic="sine", series=3, points=2000, run_length=300, shard_points=1000)

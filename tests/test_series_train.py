@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from models import Normalization, forecast, load_series_model
-from pipeline import CorpusError, PreparedSeries, SeriesOptions, prepare_series
+from pipeline.errors import CorpusError
+from pipeline.series.dataset import PreparedSeries
+from pipeline.series.prepare import SeriesOptions, prepare_series
 from training.config import TrainingError
 from training.driver import train
 from training.run_folder import RunFolder

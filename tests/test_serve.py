@@ -26,7 +26,7 @@ import yaml
 from conftest import REPO, alive, descendants, error_line, free_port, run_cli, write_story_corpus
 from deploy.decoder import Decoder, Sampling, Sequence
 from models import CharRNN, ModelConfig, load_model, save_model, score
-from pipeline.vocab import Vocabulary
+from pipeline.text.vocab import Vocabulary
 
 LIMITS = dict(max_prime_chars=300, max_chars=400, max_n=4, max_score_chars=2000, max_body_bytes=8192,
               max_concurrent=48, max_queued=64, max_queued_chars=4000)

@@ -23,7 +23,7 @@ import torch
 
 from conftest import REPO, descendants, free_port, write_story_corpus
 from models import CharRNN, ModelConfig, save_model
-from pipeline.vocab import Vocabulary
+from pipeline.text.vocab import Vocabulary
 
 REPLICA_TITLE = "ray::ServeReplica:charrnn:CharRNNServer"
 CLIENTS = 8

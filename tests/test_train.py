@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import write_story_corpus
-from pipeline import PrepareOptions, prepare
+from pipeline.text.prepare import PrepareOptions, prepare
 from training.config import TrainingError
 from training.driver import train
 

@@ -22,9 +22,9 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipeline import prepare
-from pipeline.publish import MANIFEST, check_out_location, out_lock
-from pipeline.sources import public_location, redact_uris, with_access_of
+from pipeline.shards import MANIFEST
+from pipeline.text.prepare import prepare
+from storage import check_out_location, is_uri, out_lock, public_location, redact_uris, with_access_of
 from training.config import TrainConfig, TrainingError
 from training.console import quiet_ray_logs
 from training.plot import plot_losses
@@ -40,7 +40,7 @@ RESUMABLE = {"epochs", "max_steps", "max_minutes", "workers", "gpu", "threads_pe
 
 
 def is_prepared(data: list[str]) -> bool:
-    return len(data) == 1 and ("://" in data[0] or (Path(data[0]) / MANIFEST).exists())
+    return len(data) == 1 and (is_uri(data[0]) or (Path(data[0]) / MANIFEST).exists())
 
 
 def train(data: list[str], out: str, options: dict, resume: bool = False, log: Callable[[str], None] = print,

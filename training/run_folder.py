@@ -14,7 +14,7 @@ from typing import Callable
 
 import pyarrow.fs as pafs
 
-from pipeline.sources import join_location, resolve_filesystem
+from storage import join_location, resolve_filesystem
 
 CHECKPOINTS = "ray"  # Ray Train's experiment folder under the run folder
 METRICS = "metrics.jsonl"

@@ -14,9 +14,9 @@ import numpy as np
 
 from models import (CharRNN, ModelConfig, SeriesConfig, SeriesRNN, load_model, load_series_model, save_model,
                     save_series_model)
-from pipeline import PreparedDataset, PreparedSeries, Vocabulary
-from pipeline.dataset import token_runs
-from pipeline.series import value_runs
+from pipeline.series.dataset import PreparedSeries, value_runs
+from pipeline.text.dataset import PreparedDataset, token_runs
+from pipeline.text.vocab import Vocabulary
 from training.config import TrainConfig
 
 # The classic lesson's time-series recipe, where `--task series` leaves an option unset.

@@ -2,7 +2,7 @@
 
 `read_file_chunks` streams one file in chunks of rows (never the whole file at once) and turns every
 problem into a one-line CorpusError naming the file, the column and the row. `SeriesFileDatasource`
-(series_source.py) runs it in Ray Data read tasks; `read_points` runs it here, without Ray, for one
+(source.py) runs it in Ray Data read tasks; `read_points` runs it here, without Ray, for one
 small file.
 
 A read task never raises: it yields its error as a row. The driver, which takes the rows in file
@@ -19,9 +19,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray  # noqa: F401  (keeps Arrow from aborting at exit after reading Parquet: see pipeline/shards.py)
 
 from pipeline.errors import CorpusError
-from pipeline.sources import SourceFile, resolve_filesystem
+from pipeline.sources import SourceFile
+from storage import resolve_filesystem
 
 SUFFIXES = (".csv", ".parquet")
 CHUNK_ROWS = 65536  # Parquet rows per chunk; CSV chunks are pyarrow's 1 MiB blocks

@@ -1,22 +1,85 @@
-"""Open a prepared dataset folder: its manifest, vocabulary, shards as Ray Datasets or a local
-iterator, and a checksum verification."""
+"""What both kinds of prepared dataset share (docs/contracts.md, sections 1 and 4.1): the splits, the
+manifest, shard files (written whole, named `SPLIT/part-*.parquet`, checked by size and sha256),
+runs stored as binary values, reading it all back (`ShardedDataset`), and `open_prepared`, which
+opens either kind. The kinds themselves live in pipeline/text and pipeline/series."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from typing import Iterator
+import re
+from typing import Iterator, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+# Imported on purpose: a process that reads Parquet through pyarrow without Ray loaded aborts now
+# and then at exit ("terminate called without an active exception", arrow#34314: an Arrow I/O
+# thread outlives the interpreter); with Ray loaded it does not. `charrnn verify` reads shards
+# here without Ray otherwise.
+import ray  # noqa: F401
 
 from pipeline.errors import CorpusError
-from pipeline.prepare import FORMAT, FORMAT_VERSION, SPLITS
-from pipeline.publish import MANIFEST, SHARD
-from pipeline.sources import resolve_filesystem
-from pipeline.vocab import Vocabulary
+from storage import Kind, resolve_filesystem, write_bytes
 
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation")
+SHARD = re.compile(r"(train|validation)/part-[0-9-]+\.parquet")
+TEXT_FORMAT, SERIES_FORMAT = "charrnn-text-dataset", "charrnn-series-dataset"
+# What `prepare` and `prepare-series` may replace: a dataset of either kind, or the shards of one
+# whose copy-in to an object store was interrupted before its manifest arrived.
+DATASET = Kind("charrnn dataset", MANIFEST, (TEXT_FORMAT, SERIES_FORMAT), leftover=lambda rel: bool(SHARD.fullmatch(rel)))
 VERIFY_BLOCK = 1 << 22
+
+
+def check_split_options(val_fraction: float, run_length: int) -> None:
+    if not 0 <= val_fraction < 1:
+        raise CorpusError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if run_length < 2:
+        raise CorpusError(f"--run-length must be >= 2, got {run_length}")
+
+
+def write_shard(fs: pafs.FileSystem, staging: str, name: str, table: pa.Table, dictionary: str, count: dict) -> dict:
+    """Write `table` as the shard `name` (SPLIT/part-*.parquet) of a staging folder, zstd, its
+    `dictionary` column dictionary-encoded; returns the shard's record, with `count` ({unit: n})."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd", use_dictionary=[dictionary])
+    payload = buffer.getvalue()
+    write_bytes(fs, f"{staging}/{name}", payload)
+    return {"path": name, "split": name.split("/", 1)[0], "rows": table.num_rows, **count, "bytes": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+def split_summaries(shards: list[dict], unit: str) -> dict:
+    """The manifest's `splits`: per split, its `unit` total, its runs and its shards' records."""
+    splits = {}
+    for split in SPLITS:
+        mine = [{k: s[k] for k in ("path", "rows", unit, "bytes", "sha256")} for s in shards if s["split"] == split]
+        splits[split] = {unit: sum(s[unit] for s in mine), "runs": sum(s["rows"] for s in mine), "shards": mine}
+    return splits
+
+
+def binary_runs(column: Union[pa.ChunkedArray, pa.Array], dtype, shape: tuple = (-1,)) -> Iterator[np.ndarray]:
+    """The runs of a binary shard column as arrays of `dtype` shaped `shape`, zero-copy from Arrow
+    (so read-only)."""
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        _, offsets, data = chunk.buffers()
+        offsets = np.frombuffer(offsets, np.int64 if pa.types.is_large_binary(chunk.type) else np.int32)
+        offsets = offsets[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            yield data[start:end].view(dtype).reshape(shape)
+
+
+def open_prepared(location: str) -> "ShardedDataset":
+    """A text or a series dataset, whichever the manifest says."""
+    # Imported here: both kinds build on this module.
+    from pipeline.series.dataset import PreparedSeries
+    from pipeline.text.dataset import PreparedDataset
+
+    _, _, manifest = read_manifest(location)
+    return PreparedSeries(location) if manifest.get("format") == SERIES_FORMAT else PreparedDataset(location)
 
 
 def read_manifest(location: str):
@@ -138,34 +201,3 @@ class ShardedDataset:
 
 def _what(err: Exception) -> str:
     return f"no {err.args[0]!r} field" if isinstance(err, KeyError) else str(err)
-
-
-class PreparedDataset(ShardedDataset):
-    format, format_version, command = FORMAT, FORMAT_VERSION, "charrnn prepare"
-    column, count = "tokens", "tokens"
-
-    def _check_manifest(self) -> None:
-        super()._check_manifest()
-        self.vocab = Vocabulary.from_json(self.manifest["vocab"])
-
-    def encode(self, text: str) -> np.ndarray:
-        return self.vocab.encode(text)
-
-    def decode(self, ids) -> str:
-        return self.vocab.decode(ids)
-
-    def tokens(self, split: str) -> int:
-        return self._split(split)["tokens"]
-
-    def _runs(self, column: pa.ChunkedArray) -> Iterator[np.ndarray]:
-        return token_runs(column, self.vocab.dtype)
-
-
-def token_runs(column: pa.ChunkedArray, dtype: np.dtype) -> Iterator[np.ndarray]:
-    """The runs of a shard's `tokens` column (binary values) as arrays of ids, zero-copy from Arrow."""
-    for chunk in column.chunks:
-        _, offsets, data = chunk.buffers()
-        offsets = np.frombuffer(offsets, np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
-        data = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
-        for start, end in zip(offsets[:-1], offsets[1:]):
-            yield data[start:end].view(dtype)

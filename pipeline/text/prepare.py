@@ -3,12 +3,10 @@
 Two passes of Ray Data over byte ranges of the corpus (see text_ranges.py):
   1. count characters per range (also finds binary files and invalid UTF-8); merged on the driver;
   2. encode each range with the vocabulary, cut it into runs and write one shard per read task.
-Everything is written to a staging folder, the manifest last, and published whole (publish.py).
+Everything is written to a staging folder, the manifest last, and published whole (storage.py).
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import math
 import sys
@@ -20,22 +18,15 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-# Imported with the package on purpose: a process that reads Parquet through pyarrow without Ray
-# loaded aborts now and then at exit ("terminate called without an active exception", arrow#34314:
-# an Arrow I/O thread outlives the interpreter); with Ray loaded it does not (0 in 20 runs, 8 in 20
-# without). `charrnn verify` and `charrnn forecast` rely on this.
 import ray
 
 from pipeline.errors import CorpusError
-from pipeline.publish import MANIFEST, claimed, staged, write_bytes
-from pipeline.sources import SourceFile, default_corpus, default_corpus_root, expand_inputs, resolve_filesystem
-from pipeline.text_ranges import TextRangeDatasource
-from pipeline.vocab import Vocabulary, count_range, decode_range
-
-FORMAT = "charrnn-text-dataset"
-FORMAT_VERSION = 2
-SPLITS = ("train", "validation")
+from pipeline.shards import DATASET, MANIFEST, SPLITS, TEXT_FORMAT, check_split_options, split_summaries, write_shard
+from pipeline.sources import SourceFile, default_corpus, default_corpus_root, expand_inputs
+from pipeline.text.dataset import FORMAT_VERSION
+from pipeline.text.ranges import TextRangeDatasource
+from pipeline.text.vocab import Vocabulary, count_range, decode_range
+from storage import claimed, resolve_filesystem, staged, write_bytes
 
 
 @dataclass(frozen=True)
@@ -45,7 +36,7 @@ class PrepareOptions:
     val_fraction: float = 0.1
     run_length: int = 16384  # tokens per row: the longest stretch a trainer can carry state over
     # MiB one read task holds: bounded, whatever the file's size. Ray Data's cost per task is fixed, so
-    # fewer, larger tasks go faster: 500 MB in 13.3 s at 4 MiB, 10.7 at 8, 8.5 at 32 (BENCHMARKS.md).
+    # fewer, larger tasks go faster (BENCHMARKS.md, ingest).
     range_mb: float = 32.0
     errors: str = "strict"  # or "replace": invalid UTF-8 becomes U+FFFD
 
@@ -54,10 +45,7 @@ class PrepareOptions:
             raise CorpusError(f"--min-count must be >= 1, got {self.min_count}")
         if self.max_vocab is not None and not 1 <= self.max_vocab <= 65535:
             raise CorpusError(f"--max-vocab must be in [1, 65535], got {self.max_vocab}")
-        if not 0 <= self.val_fraction < 1:
-            raise CorpusError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.run_length < 2:
-            raise CorpusError(f"--run-length must be >= 2, got {self.run_length}")
+        check_split_options(self.val_fraction, self.run_length)
         if self.range_mb <= 0:
             raise CorpusError(f"--range-mb must be > 0, got {self.range_mb}")
         if self.errors not in ("strict", "replace"):
@@ -79,7 +67,7 @@ def prepare(inputs: list[str], out: str, options: PrepareOptions = PrepareOption
     started = time.perf_counter()
     sources = expand_inputs(inputs) if inputs else default_corpus()
     out_fs, out_path = resolve_filesystem(out)
-    with claimed(out_fs, out_path, out, inputs or [default_corpus_root()]):
+    with claimed(out_fs, out_path, out, inputs or [default_corpus_root()], DATASET):
         before_ray()
         manifest = _write_dataset(sources, options, out_fs, out_path, log)
     manifest["elapsed_s"] = time.perf_counter() - started  # for the summary; not in the file
@@ -103,7 +91,7 @@ def _write_dataset(sources: list[SourceFile], options: PrepareOptions, out_fs: p
     vocab = Vocabulary.from_counts(counts, options.min_count, options.max_vocab)
     run_plan = _plan_runs(ranges, options)
 
-    with staged(out_fs, out_path, SPLITS) as staging:
+    with staged(out_fs, out_path, MANIFEST, SPLITS) as staging:
         log(f"pass 2/2: encoding {total_chars:,} characters with {vocab.size} ids into shards")
         shards = _encode_pass(sources, vocab, run_plan, options, out_fs, staging)
         manifest = _manifest(sources, ranges, skipped, vocab, shards, run_plan, options)
@@ -242,14 +230,7 @@ def _write_shard(fs, staging: str, name: str, rows: dict, dtype: np.dtype) -> di
          pa.array(rows["run"], pa.int64()), pa.array(rows["tokens"], pa.binary())],
         schema=shard_schema(),
     )
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd", use_dictionary=["source"])
-    payload = buffer.getvalue()
-    write_bytes(fs, f"{staging}/{name}", payload)
-    split = name.split("/", 1)[0]
-    return {"path": name, "split": split, "rows": table.num_rows,
-            "tokens": sum(map(len, rows["tokens"])) // dtype.itemsize,
-            "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    return write_shard(fs, staging, name, table, "source", {"tokens": sum(map(len, rows["tokens"])) // dtype.itemsize})
 
 
 def _manifest(sources, ranges, skipped, vocab, shards, run_plan, options) -> dict:
@@ -258,15 +239,11 @@ def _manifest(sources, ranges, skipped, vocab, shards, run_plan, options) -> dic
     for r in ranges:
         chars_per_source[r["source"]] += r["chars"]
         replaced += r["replaced"]
-    splits = {}
-    for split in SPLITS:
-        mine = [{k: s[k] for k in ("path", "rows", "tokens", "bytes", "sha256")} for s in shards if s["split"] == split]
-        splits[split] = {"tokens": sum(s["tokens"] for s in mine), "runs": sum(s["rows"] for s in mine), "shards": mine}
     return {
-        "format": FORMAT,
+        "format": TEXT_FORMAT,
         "format_version": FORMAT_VERSION,
         "vocab": vocab.to_json(),
-        "splits": splits,
+        "splits": split_summaries(shards, "tokens"),
         "totals": {"files": len(sources), "bytes": sum(s.size for s in sources),
                    "chars": sum(chars_per_source.values()), "runs": run_plan.total, "replaced_chars": replaced},
         "sources": [{"uri": s.shown, "size": s.size, "chars": chars_per_source[i]} for i, s in enumerate(sources)],

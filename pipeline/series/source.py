@@ -1,5 +1,5 @@
-"""`SeriesFileDatasource`: series_read.read_file_chunks in Ray Data read tasks, files packed into
-tasks in order. A read task never raises: it yields its error as a row (see series_read.py)."""
+"""`SeriesFileDatasource`: read.read_file_chunks in Ray Data read tasks, files packed into tasks in
+order. A read task never raises: it yields its error as a row (see read.py)."""
 from __future__ import annotations
 
 from typing import Iterator, Optional
@@ -9,7 +9,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.errors import CorpusError
-from pipeline.series_read import CHUNK_SCHEMA, TASK_BYTES, read_file_chunks
+from pipeline.series.read import CHUNK_SCHEMA, TASK_BYTES, read_file_chunks
 from pipeline.sources import SourceFile
 
 

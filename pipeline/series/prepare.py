@@ -1,18 +1,16 @@
 """`charrnn prepare-series`: numeric columns of CSV/Parquet files (or a generated sine) -> Parquet
 shards of value runs + manifest.json (docs/contracts.md section 4.1); `PreparedSeries` opens one.
 
-Two passes of Ray Data over the files (series_read.py checks every value in the read tasks):
+Two passes of Ray Data over the files (read.py checks every value in the read tasks):
   1. count the rows of every series, so that each series' train/validation split, its runs, their
      global numbers and the shard each run goes to are all planned before a value is written;
   2. read again and cut each series into its planned runs on the driver as the rows arrive.
 Runs and shards follow from the plan alone, never from the order rows arrive in, so the same inputs
-give byte-identical shards. Published like prepare.py: a hidden staging folder, the manifest last,
-two renames.
+give byte-identical shards. Published like text datasets (storage.py): a hidden staging folder,
+the manifest last, two renames.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import sys
 import time
@@ -24,19 +22,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
 from pipeline.errors import CorpusError
-from pipeline.prepare import SPLITS
-from pipeline.publish import MANIFEST, claimed, staged, write_bytes
-from pipeline.series_dataset import FORMAT, FORMAT_VERSION, SHARD_SCHEMA, PreparedSeries, open_prepared, value_runs
-from pipeline.series_source import SeriesFileDatasource
-from pipeline.series_read import check_readable, is_series_file, read_points, require_columns
-from pipeline.sources import SourceFile, expand_inputs, resolve_filesystem
-
-__all__ = ["PreparedSeries", "SeriesOptions", "open_prepared", "prepare_series", "read_points", "series_files",
-           "value_runs"]
+from pipeline.series.dataset import FORMAT_VERSION, SHARD_SCHEMA
+from pipeline.series.read import check_readable, is_series_file, require_columns
+from pipeline.series.source import SeriesFileDatasource
+from pipeline.shards import DATASET, MANIFEST, SERIES_FORMAT, SPLITS, check_split_options, split_summaries, write_shard
+from pipeline.sources import SourceFile, expand_inputs
+from storage import claimed, resolve_filesystem, staged, write_bytes
 
 SINE_CHUNK = 1 << 20  # generated points per chunk: memory stays bounded whatever --points says
 
@@ -74,10 +68,7 @@ class SeriesOptions:
             raise CorpusError(f"--column names a column twice: {','.join(self.columns)}")
         if self.series_id is not None and self.series_id in self.columns:
             raise CorpusError(f"--series-id {self.series_id} is also a --column")
-        if not 0 <= self.val_fraction < 1:
-            raise CorpusError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.run_length < 2:
-            raise CorpusError(f"--run-length must be >= 2, got {self.run_length}")
+        check_split_options(self.val_fraction, self.run_length)
         if self.shard_points < 1:
             raise CorpusError(f"--shard-points must be >= 1, got {self.shard_points}")
 
@@ -99,7 +90,7 @@ def prepare_series(inputs: list[str], out: str, options: SeriesOptions,
         files = series_files(inputs)
         require_columns(files[0], list(options.columns) + [options.series_id] * bool(options.series_id))
     out_fs, out_path = resolve_filesystem(out)
-    with claimed(out_fs, out_path, out, inputs):
+    with claimed(out_fs, out_path, out, inputs, DATASET):
         manifest = _write_dataset(files, options, out_fs, out_path, log, before_ray)
     manifest["elapsed_s"] = time.perf_counter() - started  # for the summary; not in the file
     return manifest
@@ -120,7 +111,7 @@ def _write_dataset(files: list[SourceFile], options: SeriesOptions, out_fs: pafs
         chunks, synthetic = _routed_chunks(files, keys, options), None
     runs = _plan_runs(counts, options)
 
-    with staged(out_fs, out_path, SPLITS) as staging:
+    with staged(out_fs, out_path, MANIFEST, SPLITS) as staging:
         if files:
             log(f"pass 2/2: cutting {len(keys)} series into {len(runs):,} runs and writing shards")
         writer = _Writer(keys, counts, runs, len(options.columns), out_fs, staging)
@@ -337,29 +328,18 @@ def _write_shard(fs, staging: str, split: str, index: int, features: int, runs: 
          pa.array(payloads, pa.binary())],
         schema=SHARD_SCHEMA,
     )
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd", use_dictionary=["series"])
-    payload = buffer.getvalue()
-    name = f"{split}/part-{index:06d}.parquet"
-    write_bytes(fs, f"{staging}/{name}", payload)
-    return {"path": name, "split": split, "rows": table.num_rows,
-            "points": sum(map(len, payloads)) // (4 * features), "bytes": len(payload),
-            "sha256": hashlib.sha256(payload).hexdigest()}
+    return write_shard(fs, staging, f"{split}/part-{index:06d}.parquet", table, "series",
+                       {"points": sum(map(len, payloads)) // (4 * features)})
 
 
 def _manifest(options, files, rows, keys, counts, shards, normalization, synthetic) -> dict:
-    splits = {}
-    for split in SPLITS:
-        mine = [{k: s[k] for k in ("path", "rows", "points", "bytes", "sha256")} for s in shards if s["split"] == split]
-        splits[split] = {"points": sum(s["points"] for s in mine), "runs": sum(s["rows"] for s in mine),
-                         "shards": mine}
     return {
-        "format": FORMAT,
+        "format": SERIES_FORMAT,
         "format_version": FORMAT_VERSION,
         "columns": list(options.columns),
         "series_id": options.series_id,
         "normalization": normalization,
-        "splits": splits,
+        "splits": split_summaries(shards, "points"),
         "totals": {"files": len(files), "rows": sum(counts), "series": len(keys)},
         "sources": [{"uri": f.shown, "size": f.size, "rows": n} for f, n in zip(files, rows)],
         "synthetic": synthetic,

@@ -1,0 +1,1 @@
+"""Numeric time series: checked reading, `prepare_series` and `PreparedSeries`."""

@@ -1,0 +1,1 @@
+"""Text corpora: vocabulary, byte ranges, `prepare` and `PreparedDataset`."""
