@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from deploy.decoder import Decoder, Sampling  # noqa: E402
+from deploy.decoder import Decoder  # noqa: E402
+from deploy.sampling import Sampling  # noqa: E402
 from models import CharRNN, ModelConfig  # noqa: E402
 
 VOCAB = 83  # anna.txt's characters (bench/serve.py's seed-size model) plus the unknown id

@@ -16,12 +16,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (cmd_quickstart, cmd_data, cmd_train, cmd_model, cmd_forecast, cmd_serve, cmd_submit):
         module.add_commands(sub)
+    parser.set_defaults(parser=parser)  # `submit` checks the command it sends with this same parser
     return parser
 
 
 # The errors that are the user's to fix (one line, exit 2), by the module defining each. A command
 # imports only what it needs, so a bad argument fails fast; an error's class is loaded if it was raised.
-USER_ERRORS = {"pipeline.errors": "CorpusError", "models.folder": "ModelFolderError", "training.config": "TrainingError"}
+USER_ERRORS = {"charrnn.errors": "CommandError", "storage": "StorageError", "pipeline.errors": "CorpusError",
+               "models.folder": "ModelFolderError", "training.config": "TrainingError"}
 
 
 def _is_user_error(err: Exception) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from charrnn.errors import CommandError
+
 PLOT_HISTORY = 300  # points of history drawn before the forecast
 
 
@@ -24,33 +26,23 @@ def add_commands(sub) -> None:
     p.set_defaults(run=_run_forecast)
 
 
-def model_folder(location: str) -> Path:
-    """A run folder's model, or the model folder itself (as `charrnn sample` reads it)."""
-    path = Path(location)
-    if (path / "model" / "config.json").exists() or not (path / "config.json").exists() and (path / "model").is_dir():
-        return path / "model"
-    return path
-
-
-def _fail(message: str) -> int:
-    print(f"charrnn forecast: error: {message}", file=sys.stderr)
-    return 2
 
 
 def _run_forecast(args) -> int:
     if args.steps < 1:
-        return _fail(f"--steps must be >= 1, got {args.steps}")
-    from models import Normalization, forecast, load_series_model
+        raise CommandError(f"--steps must be >= 1, got {args.steps}")
+    from deploy import source
+    from models import Normalization, forecast
     from pipeline.series.read import read_points
 
-    model, _, series, _ = load_series_model(model_folder(args.model))
+    model, series, _ = source.load_series(source.resolve(args.model))
     columns = series["columns"]
     history = read_points(args.history, columns)
     truth = None
     if args.holdout:
         if len(history) < args.steps + 1:
-            return _fail(f"--holdout needs more than --steps {args.steps} rows in {args.history}, which has "
-                         f"{len(history)}")
+            raise CommandError(f"--holdout needs more than --steps {args.steps} rows in {args.history}, which has "
+                               f"{len(history)}")
         history, truth = history[: -args.steps], history[-args.steps :]
     predicted = forecast(model, Normalization(series["mean"], series["std"]), [history], [args.steps])[0]
 
@@ -61,7 +53,7 @@ def _run_forecast(args) -> int:
         try:
             Path(args.out).write_text(text)
         except OSError as err:
-            return _fail(f"cannot write --out {args.out}: {err.strerror}")
+            raise CommandError(f"cannot write --out {args.out}: {err.strerror}") from None
     else:
         sys.stdout.write(text)
     if truth is not None:
@@ -69,10 +61,36 @@ def _run_forecast(args) -> int:
         per_feature = ", ".join(f"{c} {e:.6g}" for c, e in zip(columns, errors))
         print(f"holdout: MSE {errors.mean():.6g} over the last {args.steps} rows ({per_feature})", file=sys.stderr)
     if args.plot:
-        from training.plot import plot_forecast
-
         try:
-            plot_forecast(Path(args.plot), columns, history[-PLOT_HISTORY:], predicted, truth)
+            _plot_forecast(Path(args.plot), columns, history[-PLOT_HISTORY:], predicted, truth)
         except OSError as err:
-            return _fail(f"cannot write --plot {args.plot}: {err.strerror}")
+            raise CommandError(f"cannot write --plot {args.plot}: {err.strerror}") from None
     return 0
+
+
+def _plot_forecast(png_path: Path, columns: list[str], history, forecast, truth=None) -> None:
+    """One subplot per feature: `history` [points, features] up to the forecast's start, then
+    `forecast` [steps, features] and, if given, the `truth` it is measured against."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    past = np.arange(-len(history), 0)
+    ahead = np.arange(len(forecast))
+    fig, axes = plt.subplots(len(columns), 1, figsize=(9, 3 * len(columns)), squeeze=False, sharex=True)
+    for j, (ax, name) in enumerate(zip(axes[:, 0], columns)):
+        ax.plot(past, history[:, j], color="0.3", linewidth=0.9, label="history")
+        if truth is not None:
+            ax.plot(ahead, truth[:, j], color="tab:green", linewidth=1.2, label="truth (held out)")
+        ax.plot(ahead, forecast[:, j], "--", color="tab:red", linewidth=1.2, label="forecast")
+        ax.axvline(-0.5, color="0.6", linewidth=0.8)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(loc="upper left")
+    axes[-1, 0].set_xlabel("step (0: the first forecast value)")
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(png_path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from charrnn.errors import CommandError
+
 
 def add_commands(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a trained model",
@@ -35,24 +37,6 @@ def add_commands(sub) -> None:
     p.set_defaults(run=_run_eval)
 
 
-def load(location: str):
-    """(model, Vocabulary) from a run folder or a model folder."""
-    from models import ModelFolderError, load_model
-    from pipeline.text.vocab import Vocabulary
-
-    path = Path(location)
-    if (path / "model" / "config.json").exists() or not (path / "config.json").exists() and (path / "model").is_dir():
-        path = path / "model"
-    model, config, vocab, info = load_model(path)
-    try:
-        return model, Vocabulary.from_json(vocab)
-    except (KeyError, ValueError) as err:
-        raise ModelFolderError(f"{path}: invalid vocabulary: {err}") from None
-
-
-def _fail(message: str) -> int:
-    print(f"charrnn: error: {message}", file=sys.stderr)
-    return 2
 
 
 def _check_sampling(args) -> str | None:
@@ -72,10 +56,11 @@ def _check_sampling(args) -> str | None:
 def _run_sample(args) -> int:
     problem = _check_sampling(args)
     if problem:
-        return _fail(problem)
+        raise CommandError(problem)
+    from deploy import source
     from models import generate
 
-    model, vocab = load(args.model)
+    model, vocab, _ = source.load(source.resolve(args.model))
     unknown = vocab.unknown_chars(args.prime)
     if unknown:
         print(f"charrnn sample: note: {len(unknown)} character(s) of the prime are not in the vocabulary "
@@ -87,25 +72,26 @@ def _run_sample(args) -> int:
 
 
 def _run_eval(args) -> int:
+    if args.lanes is not None and args.lanes < 1 or args.burn_in < 0:
+        raise CommandError("--lanes must be >= 1 and --burn-in >= 0")
+    from deploy import source
     from models import score
     from models.generate import bits_per_char
     from pipeline.text.vocab import normalize_newlines
 
-    if args.lanes is not None and args.lanes < 1 or args.burn_in < 0:
-        return _fail("--lanes must be >= 1 and --burn-in >= 0")
-    model, vocab = load(args.model)
+    model, vocab, _ = source.load(source.resolve(args.model))
     for name in args.files:
         try:
             text = normalize_newlines(Path(name).read_bytes().decode("utf-8"))
         except FileNotFoundError:
-            return _fail(f"file not found: {name}")
+            raise CommandError(f"file not found: {name}") from None
         except UnicodeDecodeError as err:
-            return _fail(f"invalid UTF-8 in {name} at byte {err.start}")
+            raise CommandError(f"invalid UTF-8 in {name} at byte {err.start}") from None
         lanes = args.lanes or min(64, max(1, len(text) // 16384))
         total, count = score(model, vocab.encode(text).tolist(), lanes=lanes, burn_in=args.burn_in,
                              precision=args.precision)
         if count == 0:
-            return _fail(f"{name} has fewer than two characters: nothing to score")
+            raise CommandError(f"{name} has fewer than two characters: nothing to score")
         how = "one stream" if min(lanes, count) == 1 else f"{min(lanes, count)} lanes, {args.burn_in:,} characters of burn-in each"
         how += ", bf16" if args.precision == "bf16" else ""
         print(f"{name}: loss {total / count:.4f} nats/char, {bits_per_char(total / count):.4f} bits/char, "

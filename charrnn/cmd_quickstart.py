@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from charrnn.cmd_serve import AppTaken, add_app_options, deploy_app, remove_app
+from charrnn.errors import CommandError
 from charrnn.ray_session import add_address_option, connect, is_local
 
 # A model that learns the look of Python source within minutes on two CPU cores.
@@ -49,12 +50,12 @@ def _run_quickstart(args) -> int:
     from training.driver import train
 
     if args.minutes <= 0:
-        return _fail("--minutes must be > 0")
+        raise CommandError("--minutes must be > 0")
     try:
         with socket.create_server(("127.0.0.1", args.port)):
             pass
     except OSError as err:
-        return _fail(f"cannot listen on 127.0.0.1:{args.port}: {err.strerror or err} (choose another --port)")
+        raise CommandError(f"cannot listen on 127.0.0.1:{args.port}: {err.strerror or err} (choose another --port)")
     out, started = Path(args.out), time.monotonic()
     run_dir = next(out / f"run-{n}" for n in range(1, 10**6) if not (out / f"run-{n}").exists())
     say = lambda message: print(f"[quickstart {time.monotonic() - started:5.0f}s] {message}", flush=True)
@@ -80,7 +81,7 @@ def _run_quickstart(args) -> int:
         try:
             deploy_app(build_app(str(model)), args, logging_config=quiet)
         except AppTaken as err:
-            return _fail(str(err))
+            raise CommandError(str(err))
         deployed = True
         client = CharRNNClient(url)
         say(f"4/4 asking it for {args.samples} samples over HTTP")
@@ -104,6 +105,3 @@ def _run_quickstart(args) -> int:
     return 0
 
 
-def _fail(message: str) -> int:
-    print(f"charrnn quickstart: error: {message}", file=sys.stderr)
-    return 2

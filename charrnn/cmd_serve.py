@@ -6,6 +6,7 @@ import socket
 import sys
 import time
 
+from charrnn.errors import CommandError
 from charrnn.ray_session import add_address_option, connect, is_local
 
 APP_NAME = "charrnn"
@@ -131,9 +132,6 @@ def remove_app(args, local: bool) -> None:
         serve.delete(args.app_name)
 
 
-def _fail(command: str, message: str) -> int:
-    print(f"charrnn {command}: error: {message}", file=sys.stderr)
-    return 2
 
 
 def _run_serve(args) -> int:
@@ -157,14 +155,14 @@ def _run_serve(args) -> int:
             gpu=args.gpu, num_cpus=args.cpus_per_replica, threads=args.threads, limits=limits,
             api_key_sha256=api_key_digest(args.api_key) if args.api_key else None)
     except ValueError as err:  # ModelFolderError is one too: it names the folder
-        return _fail("serve", str(err))
+        raise CommandError(str(err))
     local = is_local(args.address)
     if local:  # the proxy will run on this machine: say so now if the port is taken
         try:
             with socket.create_server((args.host, args.port)):
                 pass
         except OSError as err:
-            return _fail("serve", f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+            raise CommandError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
 
     if local:  # the local Ray's proxy answers 503, not a bare 500, when a replica dies holding a request
         from deploy.proxy import PROXY_ENV
@@ -178,7 +176,7 @@ def _run_serve(args) -> int:
         try:
             deploy_app(app, args)
         except AppTaken as err:
-            return _fail("serve", str(err))
+            raise CommandError(str(err))
         deployed = True
         url = f"http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}"
         print(f"charrnn serve: serving {public_location(args.model)} at {url} "
@@ -218,9 +216,9 @@ def _run_query(args) -> int:
         else:
             print(args.prime + client.generate(args.prime, **options)["text"])
     except ServerError as err:
-        return _fail("query", str(err))
+        raise CommandError(str(err))
     except requests.ConnectionError:
-        return _fail("query", f"cannot connect to {args.url}: is `charrnn serve` running there?")
+        raise CommandError(f"cannot connect to {args.url}: is `charrnn serve` running there?")
     except requests.RequestException as err:
-        return _fail("query", f"{type(err).__name__}: {err}")
+        raise CommandError(f"{type(err).__name__}: {err}")
     return 0

@@ -16,6 +16,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from charrnn.errors import CommandError
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Entry point on the head node: the charrnn in the uploaded working directory (the job's current folder,
 # first on its PYTHONPATH) or, with --no-working-dir, the one installed there. Needs the project's
@@ -55,9 +57,6 @@ def add_commands(sub) -> None:
     p.set_defaults(run=_run_submit)
 
 
-def _fail(message: str) -> int:
-    print(f"charrnn submit: error: {message}", file=sys.stderr, flush=True)
-    return 2
 
 
 def _note(message: str) -> None:
@@ -69,21 +68,19 @@ def _run_submit(args) -> int:
     if command[:1] == ["--"]:
         command = command[1:]
     if not command:
-        return _fail("no command to run: charrnn submit [options] -- COMMAND [ARGS...], e.g. -- train --data ...")
+        raise CommandError("no command to run: charrnn submit [options] -- COMMAND [ARGS...], e.g. -- train --data ...")
     if command[0] == "submit":
-        return _fail("`submit` runs here, not as a job; give the command to run on the cluster")
+        raise CommandError("`submit` runs here, not as a job; give the command to run on the cluster")
     # Check the command here, with the same parser the job will use, before anything is uploaded:
     # a typo fails now, with argparse's usage message and exit code 2.
-    from charrnn.cli import build_parser
-
-    inner = build_parser().parse_args(command)
+    inner = args.parser.parse_args(command)
     _warn_relative_paths(inner)
 
     working_dir = None
     if not args.no_working_dir:
         working_dir = Path(args.working_dir).expanduser().resolve()
         if not working_dir.is_dir():
-            return _fail(f"--working-dir {args.working_dir} is not a folder")
+            raise CommandError(f"--working-dir {args.working_dir} is not a folder")
         if not (working_dir / "charrnn" / "__main__.py").is_file():
             _note(f"{working_dir} holds no charrnn/ package: the job runs the charrnn installed on the cluster")
 
@@ -99,9 +96,9 @@ def _run_submit(args) -> int:
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                    metadata={"charrnn_command": command[0]})
     except AuthenticationError as err:
-        return _fail(_auth_message(err, client_address(address)))
+        raise CommandError(_auth_message(err, client_address(address)))
     except (ConnectionError, RuntimeError, ValueError, OSError) as err:
-        return _fail(_one_line(err))
+        raise CommandError(_one_line(err))
 
     url = client.get_address()
     if args.no_wait:
@@ -124,9 +121,9 @@ def _run_submit(args) -> int:
             _note(f"could not stop job {job_id}: {_one_line(err)}")
         return 130
     except AuthenticationError as err:
-        return _fail(_auth_message(err, url))
+        raise CommandError(_auth_message(err, url))
     except (ConnectionError, RuntimeError, OSError) as err:
-        return _fail(f"lost job {job_id}: {_one_line(err)}")
+        raise CommandError(f"lost job {job_id}: {_one_line(err)}")
 
     status = str(info.status)
     if status == "SUCCEEDED":

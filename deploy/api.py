@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deploy.decoder import Sampling
+from deploy.sampling import Sampling
 from deploy.limits import Limits, SeriesLimits
 from pipeline.text.vocab import normalize_newlines
 

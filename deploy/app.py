@@ -26,9 +26,9 @@ from ray import serve
 from deploy import series_app, source
 from deploy.api import APIError, parse_completion, parse_generate, parse_score
 from deploy.decoder import Decoder, DecoderStopped
-from deploy.ingress import (RETRY_AFTER_S, authorize, builder_arguments, deployment_options, error_response,
-                            install_error_handlers, overloaded, read_json)
-from deploy.limits import Limits
+from deploy.ingress import (authorize, builder_arguments, deployment_options, error_response, install_error_handlers,
+                            model_list, overloaded, read_json, set_up_replica)
+from deploy.limits import RETRY_AFTER_S, Limits
 from models.generate import bits_per_char
 from storage import public_location
 from pipeline.text.vocab import UNKNOWN_CHAR
@@ -71,10 +71,7 @@ def _openai_reason(seq) -> str:
 class CharRNNServer:
     def __init__(self, folder: str, name: str, limits: Limits, device: str = "cpu", threads: int | None = None,
                  decoder: dict | None = None, api_key_sha256: str | None = None):
-        if threads:
-            torch.set_num_threads(threads)
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError("--gpu: this replica sees no CUDA device")
+        set_up_replica(device, threads)
         self.model, self.vocab, _ = source.load(folder, device)
         self.name, self.limits, self.created = name, limits, int(time.time())
         self.api_key_sha256 = api_key_sha256
@@ -164,8 +161,7 @@ class CharRNNServer:
     @api.get("/v1/models")
     async def models(self, request: Request):
         authorize(request, self.api_key_sha256)
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                            "owned_by": "charrnn"}]}
+        return model_list(self.name, self.created)
 
     @api.post("/v1/generate")
     async def generate(self, request: Request):

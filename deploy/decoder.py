@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from deploy.prefill import Prefill, PrimeJob, ScoreJob
-from deploy.sequence import Sampling, Sequence
+from deploy.sampling import Sampling
+from deploy.sequence import Sequence
 from models import CharRNN, sample_next
 
 class DecoderStopped(RuntimeError):
@@ -235,7 +236,7 @@ class Decoder:
             for job in prefilled:  # before the next launch: a primed sequence joins it
                 self._prefilled(job)
             # The next step starts before this one's results are handed out: the step thread
-            # never waits for the event loop (it idled 8% of the time at 64 clients when it did).
+            # never waits for the event loop (BENCHMARKS.md, "Figures from code comments").
             running = self._launch(loop) if self._rows or self._ready or self._prefill else None
             for seq in finished:
                 self._finish(seq, seq.finish_reason)

@@ -1,6 +1,7 @@
 """What the text and the time-series Serve applications share (docs/contracts.md, sections 3 and 4.4):
-every error in the API's JSON shape, reading a body under the size limit, the deployment's Serve
-options, and the arguments of a Serve config file's application."""
+every error in the API's JSON shape, the API key, reading a body under the size limit, a replica's
+start-up and GET /v1/models, the deployment's Serve options, and the arguments of a Serve config
+file's application."""
 from __future__ import annotations
 
 import hashlib
@@ -13,10 +14,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from deploy.api import APIError, parse_body
-from deploy.limits import LIMIT_NAMES, limits_for
+from deploy.limits import LIMIT_NAMES, RETRY_AFTER_S, limits_for
 
 logger = logging.getLogger("ray.serve")
-RETRY_AFTER_S = 1
 HEADROOM = 16  # requests a full replica still takes beyond its own limits: health, models, stats
 
 
@@ -48,6 +48,21 @@ def install_error_handlers(api: FastAPI) -> None:
     async def _internal_error(request: Request, err: Exception):
         logger.exception("charrnn: %s %s failed", request.method, request.url.path)
         return error_response(APIError(500, f"internal error: {type(err).__name__}"))
+
+
+def set_up_replica(device: str, threads: int | None) -> None:
+    """Before a replica loads its model: its torch threads, and a clear error where --gpu finds no GPU."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--gpu: this replica sees no CUDA device")
+
+
+def model_list(name: str, created: int) -> dict:
+    """GET /v1/models: the one model a replica serves, as OpenAI clients read it."""
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "charrnn"}]}
 
 
 def api_key_digest(key: str) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+RETRY_AFTER_S = 1  # what a 429 or 503 tells the client to wait before it tries again
+
 
 def _check(limits, zero_ok: tuple[str, ...] = ()) -> None:
     for f in fields(limits):

@@ -18,7 +18,7 @@ import json
 
 from starlette.middleware import Middleware
 
-RETRY_AFTER_S = 1
+from deploy.limits import RETRY_AFTER_S
 PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deploy.proxy:middlewares"}
 
 

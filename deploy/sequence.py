@@ -1,30 +1,14 @@
-"""One sampled text and how it is sampled: the decoder's rows (deploy/decoder.py)."""
+"""One sampled text: a row of the decoder (deploy/decoder.py)."""
 from __future__ import annotations
 
 import asyncio
 import secrets
 import time
-from dataclasses import dataclass
-
 import torch
 
+from deploy.sampling import Sampling
+
 UNIFORM_BLOCK = 256
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How one sequence is sampled. The HTTP layer validates requests; this only guards the engine."""
-    max_chars: int = 200
-    temperature: float = 1.0  # 0: greedy
-    top_k: int | None = None  # None: off
-    top_p: float = 1.0
-    seed: int | None = None  # None: a random one (reported back)
-    stop: tuple[str, ...] = ()  # the text ends before the first occurrence of any of these
-
-    def __post_init__(self):
-        if self.max_chars < 0 or not self.temperature >= 0 or not 0 < self.top_p <= 1 \
-                or (self.top_k is not None and self.top_k < 1) or any(not s for s in self.stop):
-            raise ValueError(f"invalid sampling parameters: {self}")
 
 
 class Sequence:

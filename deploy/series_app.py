@@ -22,8 +22,8 @@ from ray import serve
 
 from deploy import source
 from deploy.api import APIError, parse_forecast
-from deploy.ingress import (authorize, builder_arguments, deployment_options, install_error_handlers, overloaded,
-                            read_json)
+from deploy.ingress import (authorize, builder_arguments, deployment_options, install_error_handlers, model_list,
+                            overloaded, read_json, set_up_replica)
 from deploy.limits import SeriesLimits
 from models import Normalization, forecast
 from storage import public_location
@@ -40,10 +40,7 @@ install_error_handlers(api)
 class SeriesServer:
     def __init__(self, folder: str, name: str, limits: SeriesLimits, device: str = "cpu", threads: int | None = None,
                  batch_wait_s: float = BATCH_WAIT_S, api_key_sha256: str | None = None):
-        if threads:
-            torch.set_num_threads(threads)
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError("--gpu: this replica sees no CUDA device")
+        set_up_replica(device, threads)
         self.model, series, _ = source.load_series(folder, device)
         self.normalization = Normalization(series["mean"], series["std"])
         self.name, self.limits, self.created = name, limits, int(time.time())
@@ -79,8 +76,7 @@ class SeriesServer:
     @api.get("/v1/models")
     async def models(self, request: Request):
         authorize(request, self.api_key_sha256)
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                            "owned_by": "charrnn"}]}
+        return model_list(self.name, self.created)
 
     @api.post("/v1/forecast")
     async def forecast(self, request: Request):

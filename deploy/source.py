@@ -1,47 +1,29 @@
-"""Where a served model comes from: a run folder or a model folder (docs/contracts.md, sections 2
-and 4.2), text or time series, as a local path or any URI pyarrow.fs understands (file://, s3://,
-gs://, hdfs://)."""
+"""Where a model comes from, for every command that reads one (serve, sample, eval, forecast): a run
+folder or a model folder (docs/contracts.md, sections 2 and 4.2), text or time series, at a local
+path or any URI pyarrow.fs understands (file://, s3://, gs://, hdfs://)."""
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from pathlib import Path
+import pyarrow.fs as pafs
 
 from models import ModelFolderError, load_model, load_series_model, model_task
 from models.folder import CONFIG, WEIGHTS
-from storage import join_location, public_location
 from pipeline.text.vocab import Vocabulary
-
-
-def _is_uri(location: str) -> bool:
-    return "://" in location
+from storage import is_uri, join_location, local_copy, public_location, resolve_filesystem
 
 
 def resolve(location: str) -> str:
     """The model folder `location` names: itself, or RUN_DIR/model for a run folder. Local paths
     come back absolute (replicas may run in another working directory). Checks only that a
     config.json is there; loading checks the rest."""
-    if not _is_uri(location):
-        path = Path(location).expanduser().resolve()
-        for folder in (path, path / "model"):
-            if (folder / CONFIG).is_file():
-                return str(folder)
-        raise ModelFolderError(f"model folder {location} does not exist" if not path.exists() else
-                               f"{location} is neither a model folder nor a run folder: no {CONFIG} in it or in "
-                               f"{Path(location) / 'model'}")
-    import pyarrow.fs as pafs
-
-    try:
-        fs, path = pafs.FileSystem.from_uri(location)
-    except (ValueError, OSError) as err:
-        raise ModelFolderError(f"cannot open {public_location(location)}: {err}") from None
-    path = path.rstrip("/")
-    for folder in (path, f"{path}/model"):
+    fs, path = resolve_filesystem(location)
+    path = path.rstrip("/") or "/"
+    for folder, name in ((path, location), (f"{path}/model", join_location(location, "model"))):
         if fs.get_file_info(f"{folder}/{CONFIG}").type == pafs.FileType.File:
-            return location if folder == path else join_location(location, "model")
-    raise ModelFolderError(f"{public_location(location)} is neither a model folder nor a run folder: no {CONFIG} in "
-                           f"it or in its model/")
+            return name if is_uri(location) else folder
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise ModelFolderError(f"model folder {public_location(location)} does not exist")
+    raise ModelFolderError(f"{public_location(location)} is neither a model folder nor a run folder: no {CONFIG} "
+                           f"in it or in its model/")
 
 
 def default_name(folder: str) -> str:
@@ -52,7 +34,7 @@ def default_name(folder: str) -> str:
 
 def load(folder: str, device: str = "cpu"):
     """(text model in eval mode, Vocabulary, info) from a folder `resolve` returned."""
-    with _local(folder) as path:
+    with local_copy(folder, (CONFIG, WEIGHTS)) as path:
         model, config, vocab, info = load_model(path, device=device)
         try:
             return model, Vocabulary.from_json(vocab), info
@@ -62,32 +44,12 @@ def load(folder: str, device: str = "cpu"):
 
 def load_series(folder: str, device: str = "cpu"):
     """(series model in eval mode, series {columns, mean, std}, info) from a folder `resolve` returned."""
-    with _local(folder) as path:
+    with local_copy(folder, (CONFIG, WEIGHTS)) as path:
         model, _, series, info = load_series_model(path, device=device)
         return model, series, info
 
 
 def task(folder: str) -> str:
     """"text" or "series": which application serves the folder `resolve` returned."""
-    with _local(folder) as path:
+    with local_copy(folder, (CONFIG, WEIGHTS)) as path:
         return model_task(path)
-
-
-@contextlib.contextmanager
-def _local(folder: str):
-    """A local path holding `folder`: itself, or for a URI a temporary copy of its two files."""
-    if not _is_uri(folder):
-        yield folder
-        return
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(folder)
-    with tempfile.TemporaryDirectory(prefix="charrnn-model-") as tmp:
-        for name in (CONFIG, WEIGHTS):
-            try:
-                with fs.open_input_stream(f"{path}/{name}") as src, open(os.path.join(tmp, name), "wb") as dst:
-                    while chunk := src.read(1 << 24):
-                        dst.write(chunk)
-            except OSError as err:
-                raise ModelFolderError(f"{public_location(folder)}: cannot read {name}: {err}") from None
-        yield tmp

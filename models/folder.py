@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .charrnn import CharRNN, ModelConfig
@@ -49,69 +47,39 @@ def save_series_model(model: torch.nn.Module, config: SeriesConfig, series: dict
 
 
 def _write(model, network, config, task_keys: dict, path: Path, info: dict | None) -> None:
-    """Everything goes to a hidden sibling first, config.json last, which then takes `path`'s place
-    by renames: an interrupted save leaves the old folder (or none), never a half-written one."""
+    """Written in place, config.json removed first and written last: a save cut short leaves a folder
+    no loader accepts, never one model's weights under another's config. Training saves into a
+    staging folder that storage.staged then swaps in whole (training/run_folder.py)."""
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     _check_weights({name: t.shape for name, t in state.items()}, network, config, path)
     # Serialized before anything touches the disk, so a value JSON cannot hold fails early.
     text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **task_keys, "model": config.to_json(),
                        "info": info or {}}, indent=1)
-    _restore_stepped_aside(path)
     if path.exists() and not _replaceable(path):
         raise ModelFolderError(f"{path} exists and is not a {FORMAT} folder; refusing to replace it")
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:12]}")
-    staging.mkdir()
-    try:
-        save_file(state, staging / WEIGHTS, metadata={"format": FORMAT})
-        (staging / CONFIG).write_text(text, encoding="utf-8")
-        _publish(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG).unlink(missing_ok=True)
+    save_file(state, path / WEIGHTS, metadata={"format": FORMAT})
+    (path / CONFIG).write_text(text, encoding="utf-8")
 
 
 def _replaceable(path: Path) -> bool:
-    """An empty folder or a model folder of any version: never someone's other files."""
+    """An empty folder, a model folder of any version, or what a save cut short left of one (our
+    weights without their config): never someone's other files."""
     if not path.is_dir():
         return False
-    if not any(path.iterdir()):
+    names = {p.name for p in path.iterdir()}
+    if not names:
         return True
     try:
-        return json.loads((path / CONFIG).read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        if CONFIG in names:
+            return json.loads((path / CONFIG).read_text(encoding="utf-8")).get("format") == FORMAT
+        if names != {WEIGHTS}:
+            return False
+        with safe_open(path / WEIGHTS, "pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, SafetensorError):
         return False
-
-
-def _restore_stepped_aside(path: Path) -> None:
-    """A save killed between _publish's two renames left the old model as .NAME.old-*: without a
-    folder at `path` it comes back; beside one, it and killed saves' staging folders are removed."""
-    leftovers = [p for p in path.parent.glob(f".{path.name}.*-*") if p.name.startswith((f".{path.name}.old-", f".{path.name}.partial-"))]
-    if not path.exists():
-        old = [p for p in leftovers if p.name.startswith(f".{path.name}.old-") and _replaceable(p) and any(p.iterdir())]
-        if old:
-            newest = max(old, key=lambda p: p.stat().st_mtime_ns)
-            newest.rename(path)
-            leftovers.remove(newest)
-    for leftover in leftovers:
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _publish(staging: Path, path: Path) -> None:
-    """Move `staging` to `path`. POSIX cannot rename onto a non-empty folder, so the old one steps
-    aside first and comes back if the second rename fails."""
-    if not path.exists():
-        staging.rename(path)
-        return
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
-    path.rename(old)
-    try:
-        staging.rename(path)
-    except BaseException:
-        old.rename(path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def model_task(path: str | os.PathLike) -> str:

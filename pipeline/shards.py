@@ -148,9 +148,9 @@ class ShardedDataset:
             raise CorpusError(f"{self.location} has no {split} shards")
         if order is not None:
             paths = [paths[i] for i in order]
-        # Ray Data's first Parquet reader, not the DataSourceV2 one Ray 2.60 defaults to: V2 takes
-        # 3-4 s to start reading a one-shard split, and 9-15 s when two trainers read at once
-        # (V1: 0.3-0.4 s), and every epoch of every worker starts with such a read.
+        # Ray Data's first Parquet reader, not the DataSourceV2 one Ray 2.60 defaults to: V2 is ten
+        # times slower to start reading a split (BENCHMARKS.md, "Figures from code comments"), and
+        # every epoch of every worker starts with such a read.
         context = ray.data.DataContext.get_current()
         default, context.use_datasource_v2 = context.use_datasource_v2, False
         try:

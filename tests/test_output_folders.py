@@ -11,6 +11,7 @@ from models import CharRNN, ModelConfig, load_model, save_model
 from pipeline.text.dataset import PreparedDataset
 from pipeline.shards import DATASET
 from storage import make_way, out_lock
+from training.run_folder import RunFolder
 
 
 def _exit_2(result) -> str:
@@ -100,14 +101,27 @@ def test_a_second_command_on_a_locked_output_fails_and_touches_nothing(tmp_path)
 def test_a_model_save_killed_between_its_renames_loses_nothing(tmp_path):
     config = ModelConfig(vocab_size=3, hidden=8, layers=1)
     vocab = {"chars": "ab", "unknown_id": 2}
-    save_model(CharRNN(config), config, vocab, tmp_path / "model", info={"step": 1})
-    # What _publish leaves when killed after its first rename, and a killed save's staging folder.
+    run = RunFolder(str(tmp_path))
+    run.save_folder("model", lambda path: save_model(CharRNN(config), config, vocab, path, info={"step": 1}))
+    # What storage.staged leaves when killed after its first rename, and a killed save's staging folder.
     (tmp_path / "model").rename(tmp_path / ".model.old-0123456789ab")
     (tmp_path / ".model.partial-ba9876543210").mkdir()
-    with pytest.raises(ValueError):  # a save refused before writing deletes nothing
-        save_model(CharRNN(config), config, {"chars": "abcd", "unknown_id": 4}, tmp_path / "model")
-    assert (tmp_path / ".model.old-0123456789ab" / "model.safetensors").exists()
-    # The next save brings the old model back first, so a failure while writing would still leave it.
-    save_model(CharRNN(config), config, {"chars": "abcd", "unknown_id": 4} | vocab, tmp_path / "model", info={"step": 2})
+    with pytest.raises(ValueError):  # a save refused while writing loses nothing
+        run.save_folder("model", lambda path: save_model(CharRNN(config), config, {"chars": "abcd", "unknown_id": 4}, path))
+    assert load_model(tmp_path / "model")[3] == {"step": 1}  # the next save brought the old model back first
+    run.save_folder("model", lambda path: save_model(CharRNN(config), config, {"chars": "abcd", "unknown_id": 4} | vocab,
+                                                      path, info={"step": 2}))
     assert load_model(tmp_path / "model")[3] == {"step": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_model_saved_in_place_and_cut_short_is_no_model(tmp_path):
+    """models.save_model without storage: config.json leaves first and comes last."""
+    config = ModelConfig(vocab_size=3, hidden=8, layers=1)
+    vocab = {"chars": "ab", "unknown_id": 2}
+    save_model(CharRNN(config), config, vocab, tmp_path / "model", info={"step": 1})
+    (tmp_path / "model" / "config.json").unlink()  # what a save killed after writing its weights leaves
+    with pytest.raises(ValueError, match="config.json is missing"):
+        load_model(tmp_path / "model")
+    save_model(CharRNN(config), config, vocab, tmp_path / "model", info={"step": 2})  # ours: replaced
+    assert load_model(tmp_path / "model")[3] == {"step": 2}

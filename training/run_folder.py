@@ -14,10 +14,13 @@ from typing import Callable
 
 import pyarrow.fs as pafs
 
-from storage import join_location, resolve_filesystem
+from models.folder import CONFIG, FORMAT, WEIGHTS
+from storage import Kind, is_uri, join_location, make_way, resolve_filesystem, staged
 
 CHECKPOINTS = "ray"  # Ray Train's experiment folder under the run folder
 METRICS = "metrics.jsonl"
+# RUN_DIR/model may be replaced by a newer model, or what a save cut short left of one.
+MODEL_FOLDER = Kind("charrnn model folder", CONFIG, (FORMAT,), leftover=lambda relative_path: relative_path == WEIGHTS)
 
 
 class RunFolder:
@@ -25,7 +28,7 @@ class RunFolder:
 
     def __init__(self, location: str):
         self.fs, self.path = resolve_filesystem(location)
-        self.location = location if "://" in location else self.path
+        self.location = location if is_uri(location) else self.path
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def uri(self, name: str) -> str:
@@ -57,16 +60,17 @@ class RunFolder:
         self.write_bytes(name, text.encode())
 
     def save_folder(self, name: str, write: Callable[[str], None]) -> None:
-        """`write(path)` makes a folder; it lands at `name`. Locally it is written in place (the
-        writer swaps folders by rename); elsewhere it is made in a temporary folder and uploaded."""
-        if self.is_local:
-            write(self.path_of(name))
-            return
-        with tempfile.TemporaryDirectory() as staging:
-            write(os.path.join(staging, name))
-            self.fs.create_dir(self.path_of(name), recursive=True)
-            pafs.copy_files(os.path.join(staging, name), self.path_of(name),
-                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        """`write(path)` fills an empty local folder with a model folder; it lands at `name` whole
+        (storage.staged): on a file system by renames, on an object store config.json last."""
+        path = self.path_of(name)
+        make_way(self.fs, path, self.uri(name), MODEL_FOLDER, flag="the model folder")
+        with staged(self.fs, path, CONFIG) as staging:
+            if self.is_local:
+                write(staging)
+                return
+            with tempfile.TemporaryDirectory() as local:
+                write(local)
+                pafs.copy_files(local, staging, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
     def is_empty(self) -> bool:
         """Absent or holding nothing."""

@@ -218,8 +218,8 @@ SHARD_RECORD = pa.schema([("path", pa.string()), ("split", pa.string()), ("rows"
 
 def shard_schema() -> pa.Schema:
     # A run's tokens are one binary value (its ids as little-endian uint8 or uint16, the manifest's
-    # vocab dtype): Parquet writes and reads one value per run instead of one per token, 5x faster
-    # than list<uint8> and half the size.
+    # vocab dtype): Parquet writes and reads one value per run instead of one per token, faster than
+    # list<uint8> and smaller (BENCHMARKS.md, "Figures from code comments").
     return pa.schema([("source", pa.int32()), ("char_offset", pa.int64()), ("run", pa.int64()),
                       ("tokens", pa.binary())])
 
