@@ -88,7 +88,8 @@ def with_access_of(location: str, like: str) -> str:
     if stored.scheme != given.scheme or stored.query:
         return location
     user = given.netloc.rpartition("@")[0]
-    return urlunsplit((stored.scheme, f"{user}@{stored.netloc}" if user else stored.netloc, stored.path, given.query, ""))
+    netloc = f"{user}@{stored.netloc}" if user else stored.netloc
+    return urlunsplit((stored.scheme, netloc, stored.path, given.query, ""))
 
 
 def write_bytes(fs: pafs.FileSystem, path: str, payload: bytes) -> None:
@@ -116,11 +117,13 @@ def local_copy(location: str, names: tuple[str, ...]) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="charrnn-") as tmp:
         for name in names:
             try:
-                with fs.open_input_stream(f"{path.rstrip('/')}/{name}") as src, open(os.path.join(tmp, name), "wb") as dst:
+                with fs.open_input_stream(f"{path.rstrip('/')}/{name}") as src, \
+                        open(os.path.join(tmp, name), "wb") as dst:
                     while chunk := src.read(1 << 24):
                         dst.write(chunk)
             except OSError as err:
-                raise StorageError(f"{public_location(location)}: cannot read {name}: {redact_uris(str(err))}") from None
+                raise StorageError(f"{public_location(location)}: cannot read {name}: "
+                                   f"{redact_uris(str(err))}") from None
         yield tmp
 
 

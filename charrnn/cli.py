@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     if is_local(getattr(args, "address", None)):
         require_token_for_local_ray()
     try:
-        code = args.run(args)
+        code = args.handler(args)
     except KeyboardInterrupt:
         print(f"charrnn {args.command}: interrupted", file=sys.stderr)
         code = 130

@@ -26,7 +26,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="dataset folder to write (local path or URI)")
     p.add_argument("--min-count", type=int, default=1, help="keep characters seen at least this often (default 1)")
     p.add_argument("--max-vocab", type=int, default=None, help="keep at most this many characters, most frequent first")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of runs held out for validation (default 0.1)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of runs held out for validation (default 0.1)")
     p.add_argument("--run-length", type=int, default=16384,
                    help="tokens per run, the stretch of text a trainer walks with carried state (default 16384)")
     p.add_argument("--range-mb", type=float, default=32.0, help="MiB of a file one read task holds (default 32)")
@@ -34,7 +35,7 @@ def _add_prepare(sub) -> None:
                    help="invalid UTF-8: fail naming file and byte (strict, the default for INPUTs) or substitute "
                         "U+FFFD and count them (replace, the default for the built-in corpus)")
     add_address_option(p)
-    p.set_defaults(run=_run_prepare)
+    p.set_defaults(handler=_run_prepare)
 
 
 def _run_prepare(args) -> int:
@@ -44,7 +45,8 @@ def _run_prepare(args) -> int:
     errors = args.errors or ("strict" if args.inputs else "replace")
     options = PrepareOptions(min_count=args.min_count, max_vocab=args.max_vocab, val_fraction=args.val_fraction,
                              run_length=args.run_length, range_mb=args.range_mb, errors=errors)
-    manifest = prepare(args.inputs, args.out, options, before_ray=lambda: connect(args.address, args.num_cpus, dashboard=False))
+    manifest = prepare(args.inputs, args.out, options,
+                       before_ray=lambda: connect(args.address, args.num_cpus, dashboard=False))
     print(_summary(manifest, public_location(args.out)))
     return 0
 
@@ -95,7 +97,7 @@ def _add_prepare_series(sub) -> None:
     p.add_argument("--series", type=int, default=4, help="--synthetic: number of series (default 4)")
     p.add_argument("--points", type=int, default=10000, help="--synthetic: points per series (default 10000)")
     add_address_option(p)
-    p.set_defaults(run=_run_prepare_series)
+    p.set_defaults(handler=_run_prepare_series)
 
 
 def _run_prepare_series(args) -> int:
@@ -136,7 +138,7 @@ def _add_verify(sub) -> None:
                                    "sha256, rows and tokens or points with DIR/manifest.json. Exit 0 when all match, "
                                    "1 otherwise.")
     p.add_argument("dataset", metavar="DIR")
-    p.set_defaults(run=_run_verify)
+    p.set_defaults(handler=_run_verify)
 
 
 def _run_verify(args) -> int:

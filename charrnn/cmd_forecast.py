@@ -14,16 +14,18 @@ def add_commands(sub) -> None:
                        description="Read the model's columns from --history (CSV or Parquet), run the whole history "
                                    "through the model in one pass, then predict --steps values, each fed back as the "
                                    "next input. Prints CSV (step,<columns>) in the data's own units.")
-    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a run folder (uses RUN_DIR/model) or a model folder")
+    p.add_argument("--model", required=True, metavar="RUN_DIR",
+                   help="a run folder (uses RUN_DIR/model) or a model folder; a local path or a pyarrow.fs URI")
     p.add_argument("--history", required=True, metavar="FILE",
-                   help="CSV or Parquet file (local path or pyarrow.fs URI) holding the model's columns, oldest row first")
+                   help="CSV or Parquet file (local path or pyarrow.fs URI) holding the model's columns, oldest row "
+                        "first")
     p.add_argument("--steps", required=True, type=int, metavar="K", help="values to forecast (>= 1)")
     p.add_argument("--holdout", action="store_true",
                    help="hold the last K rows of --history back as the truth, forecast them from the rows before, "
                         "and print the forecast's mean squared error on stderr")
     p.add_argument("--plot", metavar="PNG", help="draw the history's end, the truth (with --holdout) and the forecast")
     p.add_argument("--out", metavar="CSV", help="write the forecast here instead of to stdout")
-    p.set_defaults(run=_run_forecast)
+    p.set_defaults(handler=_run_forecast)
 
 
 

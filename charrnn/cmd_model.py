@@ -11,21 +11,24 @@ def add_commands(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a trained model",
                        description="Prime the model's state with --prime in one forward pass, then sample "
                                    "--length characters one at a time.")
-    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a run folder (uses RUN_DIR/model) or a model folder")
+    p.add_argument("--model", required=True, metavar="RUN_DIR",
+                   help="a run folder (uses RUN_DIR/model) or a model folder; a local path or a pyarrow.fs URI")
     p.add_argument("--prime", default="The", help="text to start from (default 'The')")
     p.add_argument("--length", type=int, default=500, help="characters to generate (default 500)")
     p.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more conservative (default 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help=">= 1: sample among the k likeliest characters (default: all)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=">= 1: sample among the k likeliest characters (default: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]: nucleus sampling (default 1.0: off)")
     p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (default: random)")
-    p.set_defaults(run=_run_sample)
+    p.set_defaults(handler=_run_sample)
 
     p = sub.add_parser("eval", help="loss and bits per character of text files under a model",
                        description="Score each FILE (UTF-8, CRLF read as newline) under the model: loss in nats "
                                    "per character and bits per character. A long file is scored in parallel lanes: "
                                    "contiguous pieces side by side in one batch, each read from --burn-in characters "
                                    "before its own, so the figure stays that of one stream.")
-    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a run folder or a model folder")
+    p.add_argument("--model", required=True, metavar="RUN_DIR",
+                   help="a run folder or a model folder; a local path or a pyarrow.fs URI")
     p.add_argument("--lanes", type=int, default=None,
                    help="pieces scored side by side (default: one per 16,384 characters, at most 64; 1: one stream)")
     p.add_argument("--burn-in", type=int, default=1024,
@@ -34,7 +37,7 @@ def add_commands(sub) -> None:
                    help="bf16: the network under bf16 autocast, faster on hardware with native bf16, the "
                         "loss not exactly float32's (default fp32)")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.set_defaults(run=_run_eval)
+    p.set_defaults(handler=_run_eval)
 
 
 
@@ -92,7 +95,8 @@ def _run_eval(args) -> int:
                              precision=args.precision)
         if count == 0:
             raise CommandError(f"{name} has fewer than two characters: nothing to score")
-        how = "one stream" if min(lanes, count) == 1 else f"{min(lanes, count)} lanes, {args.burn_in:,} characters of burn-in each"
+        used = min(lanes, count)
+        how = "one stream" if used == 1 else f"{used} lanes, {args.burn_in:,} characters of burn-in each"
         how += ", bf16" if args.precision == "bf16" else ""
         print(f"{name}: loss {total / count:.4f} nats/char, {bits_per_char(total / count):.4f} bits/char, "
               f"{count:,} characters ({how})")

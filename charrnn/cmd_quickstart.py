@@ -38,7 +38,7 @@ def add_commands(sub) -> None:
     p.add_argument("--keep-serving", action="store_true", help="keep serving after the samples, until Ctrl-C")
     add_app_options(p)
     add_address_option(p)
-    p.set_defaults(run=_run_quickstart)
+    p.set_defaults(handler=_run_quickstart)
 
 
 def _run_quickstart(args) -> int:

@@ -30,7 +30,8 @@ def add_commands(sub) -> None:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     scale = p.add_mutually_exclusive_group()
-    scale.add_argument("--replicas", type=int, default=1, help="replicas, each with its own copy of the model (default 1)")
+    scale.add_argument("--replicas", type=int, default=1,
+                       help="replicas, each with its own copy of the model (default 1)")
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="scale replicas between MIN and MAX with the load")
     p.add_argument("--target-ongoing", type=float, default=None,
                    help="with --autoscale: requests per replica to aim at (default: half of --max-concurrent)")
@@ -64,7 +65,7 @@ def add_commands(sub) -> None:
                         help=f"characters of primes and scores waiting for the network per replica; beyond, 429 "
                              f"(default {d.max_queued_chars})")
     add_address_option(p)
-    p.set_defaults(run=_run_serve)
+    p.set_defaults(handler=_run_serve)
 
     p = sub.add_parser("query", help="ask a running `charrnn serve` for text",
                        description="POST /v1/generate to a charrnn server and print the prime and the text.")
@@ -79,7 +80,7 @@ def add_commands(sub) -> None:
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server (default 300)")
     _add_api_key_option(p, "for a server started with one")
-    p.set_defaults(run=_run_query)
+    p.set_defaults(handler=_run_query)
 
 
 def _add_api_key_option(p, what: str) -> None:

@@ -54,7 +54,7 @@ def add_commands(sub) -> None:
                    help="print the job's submission ID and return at once, leaving the job running")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
                    help="the charrnn command to run, after `--`, e.g. `-- train --data s3://b/ds --out /shared/run`")
-    p.set_defaults(run=_run_submit)
+    p.set_defaults(handler=_run_submit)
 
 
 
@@ -203,10 +203,12 @@ def _wait_terminal(client, job_id: str, timeout: float | None = 60.0):
 def _warn_relative_paths(inner) -> None:
     """The job runs in its own copy of the working directory on the head node: a relative path names a
     folder there (a run written to it is lost with the job's files), not one on this machine."""
+    from storage import is_uri
+
     for dest in PATH_OPTIONS:
         value = getattr(inner, dest, None)
         for path in value if isinstance(value, list) else [value]:
-            if isinstance(path, str) and path and "://" not in path and not os.path.isabs(os.path.expanduser(path)):
+            if isinstance(path, str) and path and not is_uri(path) and not os.path.isabs(os.path.expanduser(path)):
                 _note(f"note: {path!r} is a relative path, read on the cluster inside the job's working directory; "
                       "use an absolute path on storage every node sees, or a URI")
 

@@ -14,7 +14,8 @@ def add_commands(sub) -> None:
         "train", help="train a character-level RNN with Ray Train (DDP over --workers)",
         description="Train on a prepared dataset (or on raw INPUTs, prepared into RUN_DIR/data first). Writes "
                     "RUN_DIR/model (the best model by validation loss), metrics.jsonl, loss.png and Ray Train "
-                    "checkpoints. Defaults are the classic recipe (for --task series, the classic time-series lesson's).",
+                    "checkpoints. Defaults are the classic recipe (for --task series, the classic time-series "
+                    "lesson's).",
     )
     opt = lambda *names, **kw: p.add_argument(*names, default=argparse.SUPPRESS, **kw)
     p.add_argument("--data", nargs="+", metavar="DIR_OR_INPUT",
@@ -57,12 +58,13 @@ def add_commands(sub) -> None:
     opt("--workers", type=int, help=f"data-parallel Ray Train workers (default {d.workers})")
     opt("--gpu", action="store_true", help="one GPU per worker and NCCL (default: CPU and gloo)")
     opt("--threads-per-worker", type=int, help="torch threads per worker (default: the node's CPUs / workers)")
-    opt("--max-failures", type=int, help=f"restarts from the latest checkpoint after a worker dies (default {d.max_failures})")
+    opt("--max-failures", type=int,
+        help=f"restarts from the latest checkpoint after a worker dies (default {d.max_failures})")
     p.add_argument("--verbose", action="store_true",
                    help="also show Ray Train's and Ray Data's own log lines (default: progress, evaluations, "
                         "checkpoints and errors only)")
     add_address_option(p)
-    p.set_defaults(run=_run_train)
+    p.set_defaults(handler=_run_train)
 
 
 def _run_train(args) -> int:

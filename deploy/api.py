@@ -21,8 +21,8 @@ SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_STOP_CHARS = 64
 # OpenAI completion parameters this server accepts only at their "off" value.
-OPENAI_OFF = {"suffix": (None, ""), "logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-              "logit_bias": (None, {}), "best_of": (None, 1)}
+OPENAI_OFF = {"suffix": (None, ""), "logprobs": (None, 0), "presence_penalty": (None, 0),
+              "frequency_penalty": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1)}
 
 
 class APIError(Exception):

@@ -79,11 +79,11 @@ class CharRNNServer:
                                **(decoder or {}))
         cfg = self.model.config
         logger.info("charrnn: serving %s from %s (%s %dx%d, vocab %d) on %s, %d torch threads, min step batch %d",
-                    name, public_location(folder), cfg.cell, cfg.layers, cfg.hidden, cfg.vocab_size, device, torch.get_num_threads(),
-                    self.decoder.min_step_batch)
+                    name, public_location(folder), cfg.cell, cfg.layers, cfg.hidden, cfg.vocab_size, device,
+                    torch.get_num_threads(), self.decoder.min_step_batch)
 
     def check_health(self):
-        self.decoder.check()
+        self.decoder.raise_if_stopped()
 
     def __del__(self):
         if hasattr(self, "decoder"):
@@ -145,7 +145,7 @@ class CharRNNServer:
     @api.get("/healthz")
     async def healthz(self):
         try:
-            self.decoder.check()
+            self.decoder.raise_if_stopped()
         except RuntimeError as err:
             raise APIError(503, f"unhealthy: {err}") from None
         return {"status": "ok", "model": self.name, "stats": self.decoder.stats()}

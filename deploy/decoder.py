@@ -150,7 +150,7 @@ class Decoder:
                 "max_batch": self.max_batch, "min_step_batch": self.min_step_batch,
                 "running": self._task is not None and not self._task.done()}
 
-    def check(self) -> None:
+    def raise_if_stopped(self) -> None:
         """Raise DecoderStopped if the decode loop died (a replica health check calls this)."""
         if self._stopped:
             raise self._stopped

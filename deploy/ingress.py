@@ -120,8 +120,9 @@ def deployment_options(limits, replicas: int = 1, autoscale: tuple[int, int] | N
         low, high = autoscale
         if not 0 <= low <= high or high < 1:
             raise ValueError(f"autoscale needs 0 <= MIN <= MAX and MAX >= 1, got {low}:{high}")
+        target = target_ongoing or max(1, limits.max_concurrent // 2)
         options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
-                                         "target_ongoing_requests": target_ongoing or max(1, limits.max_concurrent // 2)}
+                                         "target_ongoing_requests": target}
     elif not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
     else:
@@ -146,8 +147,8 @@ def builder_arguments(args: dict, task: str, extra: dict | None = None) -> dict:
     if "model" not in args:
         raise ValueError("the application needs a 'model' argument: a run folder, model folder or URI")
     limits = {k: int(args.pop(k)) for k in list(args) if k in LIMIT_NAMES}
-    kinds = {"model": str, "name": str, "api_key_sha256": str, "replicas": int, "target_ongoing": float, "gpu": _boolean,
-             "num_cpus": float, "threads": int, "autoscale": parse_autoscale, **(extra or {})}
+    kinds = {"model": str, "name": str, "api_key_sha256": str, "replicas": int, "target_ongoing": float,
+             "gpu": _boolean, "num_cpus": float, "threads": int, "autoscale": parse_autoscale, **(extra or {})}
     unknown = sorted(set(args) - set(kinds))
     if unknown:
         raise ValueError(f"unknown application arguments: {', '.join(unknown)}")

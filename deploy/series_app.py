@@ -52,8 +52,8 @@ class SeriesServer:
         self.batches = Counter()  # batch size -> models.forecast calls
         cfg = self.model.config
         logger.info("charrnn: serving series model %s from %s (%s %dx%d, columns %s) on %s, %d torch threads",
-                    name, public_location(folder), cfg.cell, cfg.layers, cfg.hidden, ", ".join(series["columns"]), device,
-                    torch.get_num_threads())
+                    name, public_location(folder), cfg.cell, cfg.layers, cfg.hidden, ", ".join(series["columns"]),
+                    device, torch.get_num_threads())
 
     @serve.batch(max_batch_size=SeriesLimits.max_concurrent, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _forecast_batch(self, histories: list[np.ndarray], steps: list[int]) -> list[np.ndarray]:

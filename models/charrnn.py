@@ -71,7 +71,8 @@ def recurrent_stack(config, input_dim: int) -> nn.Module:
 
 def zero_state(config, batch: int, like: torch.Tensor, device: torch.device | str | None = None) -> State:
     """The zero state of `config`'s stack, in `like`'s dtype, on its device unless `device` says otherwise."""
-    h = torch.zeros(config.layers, batch, config.hidden, dtype=like.dtype, device=like.device if device is None else device)
+    device = like.device if device is None else device
+    h = torch.zeros(config.layers, batch, config.hidden, dtype=like.dtype, device=device)
     return (h, torch.zeros_like(h)) if config.cell == "lstm" else h
 
 

@@ -29,7 +29,8 @@ SHARD = re.compile(r"(train|validation)/part-[0-9-]+\.parquet")
 TEXT_FORMAT, SERIES_FORMAT = "charrnn-text-dataset", "charrnn-series-dataset"
 # What `prepare` and `prepare-series` may replace: a dataset of either kind, or the shards of one
 # whose copy-in to an object store was interrupted before its manifest arrived.
-DATASET = Kind("charrnn dataset", MANIFEST, (TEXT_FORMAT, SERIES_FORMAT), leftover=lambda rel: bool(SHARD.fullmatch(rel)))
+DATASET = Kind("charrnn dataset", MANIFEST, (TEXT_FORMAT, SERIES_FORMAT),
+               leftover=lambda relative_path: bool(SHARD.fullmatch(relative_path)))
 VERIFY_BLOCK = 1 << 22
 
 

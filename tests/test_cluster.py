@@ -16,6 +16,8 @@ import requests
 
 from conftest import REPO, alive, descendants, write_story_corpus
 
+pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
+
 
 def _free_ports(count: int) -> list[int]:
     """Ports free on loopback now, all different (other Rays run on this machine: no defaults)."""

@@ -10,6 +10,8 @@ from training.order import epoch_runs
 from training.tasks import TextTask
 from training.windows import EpochStream, Lanes
 
+pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
+
 RUN = 500
 
 

@@ -138,7 +138,7 @@ def test_config_json_round_trip_and_errors():
 
 def test_models_imports_neither_ray_nor_the_rest_of_the_repo():
     code = ("import sys, models; print(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'ray', 'pipeline', 'training', 'deploy', 'charrnn', 'bench'}))")
+            "{'ray', 'pipeline', 'storage', 'training', 'deploy', 'charrnn', 'bench'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -240,12 +240,12 @@ def test_model_folder_errors(tmp_path, case):
 
 
 def test_a_vocabulary_that_disagrees_with_itself_is_one_line(tmp_path):
-    from charrnn.cmd_model import load
+    from deploy import source
 
     model, config = tiny()
     save_model(model, config, {**VOCAB, "counts": [1, 2]}, tmp_path / "m")
     with pytest.raises(ModelFolderError, match="counts must be a list of one integer per character") as err:
-        load(str(tmp_path / "m"))
+        source.load(source.resolve(str(tmp_path / "m")))
     assert "\n" not in str(err.value)
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import descendants, write_story_corpus
 
+pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
+
 # Steps slow enough (tens of ms) that the node goes while most of the run is still ahead.
 STEPS = 200
 TRAIN = ["--cell", "lstm", "--layers", "1", "--hidden", "128", "--dropout", "0", "--batch", "16", "--seq", "64",

@@ -8,6 +8,8 @@ from moto.server import ThreadedMotoServer
 
 from conftest import error_line, free_port, run_cli, write_story_corpus
 
+pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
+
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_EC2_METADATA_DISABLED": "true"}
 TINY = ["--cell", "lstm", "--layers", "1", "--hidden", "32", "--dropout", "0", "--batch", "8", "--seq", "32",

@@ -5,8 +5,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, alive, descendants, free_port, write_story_corpus
 from models import load_model
+
+pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
 
 
 def test_quickstart_trains_serves_prints_samples_and_stops_whole_on_sigterm(tmp_path):

@@ -15,6 +15,8 @@ from training.run_folder import RunFolder
 from training.checkpoint import TRAINER_STATE
 from training.tasks import SeriesTask
 
+pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
+
 QUIET = {"log_every": 100}
 
 

@@ -28,6 +28,8 @@ from deploy.decoder import Decoder, Sampling, Sequence
 from models import CharRNN, ModelConfig, load_model, save_model, score
 from pipeline.text.vocab import Vocabulary
 
+pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
+
 LIMITS = dict(max_prime_chars=300, max_chars=400, max_n=4, max_score_chars=2000, max_body_bytes=8192,
               max_concurrent=48, max_queued=64, max_queued_chars=4000)
 DECODER = dict(flush_chars=8, log_interval_s=0.2)  # small chunks and frequent log lines, for the tests
@@ -235,7 +237,7 @@ def test_decoder_survives_a_failing_step(run_dir):
         assert str(long) == "boom" and failed
         assert short.finish_reason == "length" and len(short.text) == 30
         assert len(later.text) == 50
-        decoder.check()
+        decoder.raise_if_stopped()
     finally:
         decoder.close()
 
@@ -322,10 +324,10 @@ def test_a_dead_decode_loop_fails_its_requests_and_the_health_check(run_dir):
         assert decoder.load == 0
 
     try:
-        decoder.check()
+        decoder.raise_if_stopped()
         asyncio.run(go())
         with pytest.raises(DecoderStopped, match="the decoder stopped"):
-            decoder.check()
+            decoder.raise_if_stopped()
     finally:
         decoder.close()
 

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from conftest import free_port
 from models import CharRNN, ModelConfig, save_model
 
+pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
+
 EXAMPLES = 1200
 LIMITS = dict(max_prime_chars=64, max_chars=40, max_n=3, max_score_chars=256, max_body_bytes=4096,
               max_concurrent=8, max_queued=8)

@@ -25,6 +25,8 @@ from conftest import REPO, descendants, free_port, write_story_corpus
 from models import CharRNN, ModelConfig, save_model
 from pipeline.text.vocab import Vocabulary
 
+pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
+
 REPLICA_TITLE = "ray::ServeReplica:charrnn:CharRNNServer"
 CLIENTS = 8
 TIMEOUT_S = 30.0  # per request

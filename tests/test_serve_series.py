@@ -17,6 +17,8 @@ from conftest import REPO, free_port
 from deploy.client import CharRNNClient, ServerError
 from models import Normalization, SeriesConfig, SeriesRNN, forecast, load_series_model, save_series_model
 
+pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
+
 FREQ = 0.3  # radians per point: about 21 points a period, enough for a 32-unit RNN to learn in 300 steps
 LIMITS = dict(max_history=500, max_forecast_steps=60, max_body_bytes=16384, max_concurrent=32, max_queued=64)
 

@@ -16,6 +16,8 @@ from pipeline.text.prepare import PrepareOptions, prepare
 from training.config import TrainingError
 from training.driver import train
 
+pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
+
 TINY = dict(cell="lstm", layers=1, hidden=48, dropout=0.1, batch=8, seq=32, lr=0.01, val_every=50,
             checkpoint_every=25, log_every=25, max_failures=2, precision="fp32")
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+
+from training.job import Position
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
@@ -64,15 +67,16 @@ def load_lanes(folder: str, rank: int, world: int, device) -> dict | None:
             "state": tuple(parts) if len(parts) == 2 else parts[0]}
 
 
-def save_trainer(folder: str, task, module, optimizer, scheduler, position: dict) -> None:
-    task.save(module, os.path.join(folder, "model"), info={"step": position["step"]})
+def save_trainer(folder: str, task, module, optimizer, scheduler, position: Position) -> None:
+    task.save(module, os.path.join(folder, "model"), info={"step": position.step})
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                os.path.join(folder, OPTIMIZER))
-    best = position["best_val_loss"]
-    Path(folder, TRAINER_STATE).write_text(json.dumps({**position, "best_val_loss": best if math.isfinite(best) else None}))
+    best = position.best_val_loss
+    Path(folder, TRAINER_STATE).write_text(
+        json.dumps({**asdict(position), "best_val_loss": best if math.isfinite(best) else None}))
 
 
-def restore_trainer(folder: str, task, model, optimizer, scheduler) -> dict:
+def restore_trainer(folder: str, task, model, optimizer, scheduler) -> Position:
     """Loads the weights and the optimizer and scheduler state; returns the position."""
     model.load_state_dict(task.load_state(os.path.join(folder, "model")))
     # weights_only: the optimizer state is tensors and numbers; nothing in it may run code.
@@ -82,4 +86,4 @@ def restore_trainer(folder: str, task, model, optimizer, scheduler) -> dict:
     position = json.loads(Path(folder, TRAINER_STATE).read_text())
     if position["best_val_loss"] is None:
         position["best_val_loss"] = math.inf
-    return position
+    return Position(**position)

@@ -27,6 +27,7 @@ from pipeline.text.prepare import prepare
 from storage import check_out_location, is_uri, out_lock, public_location, redact_uris, with_access_of
 from training.config import TrainConfig, TrainingError
 from training.console import quiet_ray_logs
+from training.job import Job
 from training.plot import plot_losses
 from training.run_folder import CHECKPOINTS, METRICS, RunFolder, metric_records
 from training.tasks import SERIES_DEFAULTS, TASKS
@@ -60,20 +61,34 @@ def train(data: list[str], out: str, options: dict, resume: bool = False, log: C
 
 def _train(run_dir: RunFolder, out: str, data: list[str], options: dict, resume: bool, log: Callable[[str], None],
            before_ray: Callable[[], None], verbose: bool) -> dict:
+    config, data = _options(run_dir, out, data, options, resume, log)
+    task = TASKS[config.task]
+    dataset = _dataset(run_dir, data, task, log, before_ray)
+    run_dir.write_text(RUN_FILE, json.dumps({"data": [public_location(dataset.location)], "train": config.to_json()},
+                                            indent=1))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    job = _job(config, task, dataset, run_dir, cpus, verbose, log)
+    try:
+        result = _fit(_trainer(job, run_dir, cpus))
+    except ray.train.TrainingFailedError as err:
+        raise TrainingError(f"training failed after {config.max_failures} restart(s): {_first_line(err)}") from None
+    finally:
+        records = _plot(run_dir, task.loss_unit)  # a failed or interrupted run's curve too
+    return _summary(run_dir, out, result, records)
+
+
+def _options(run_dir: RunFolder, out: str, data: list[str], options: dict, resume: bool,
+             log: Callable[[str], None]) -> tuple[TrainConfig, list[str]]:
+    """The run's options and data: a new run's own, or on --resume the saved ones, of which
+    `options` may change the RESUMABLE ones. A new run never lands on an existing one."""
     checkpoint = run_dir.latest_checkpoint_step(TRAINER_STATE)
     saved_text = run_dir.read_text(RUN_FILE)
     if resume:
         if saved_text is None:
             raise TrainingError(f"--resume: {out} holds no run to resume (no {RUN_FILE})")
-        saved = json.loads(saved_text)
-        saved["train"].setdefault("shuffle", False)  # a run begun before shuffling existed walked corpus order
-        fixed = sorted(k for k, v in options.items() if k not in RESUMABLE and v != saved["train"].get(k))
-        if fixed:
-            raise TrainingError(f"--resume cannot change {', '.join(fixed)}; the run keeps its model and data")
+        options, data = _resumed_options(json.loads(saved_text), options, out)
         if checkpoint is None:
             log(f"--resume: {out} has no checkpoint yet; starting from step 0")
-        options = {**saved["train"], **options}
-        data = [with_access_of(d, out) for d in saved["data"]]  # stored without the query: the --out URI's
     elif checkpoint is not None or saved_text is not None:
         raise TrainingError(f"{out} already holds a run; use --resume to continue it or choose another --out")
     elif not run_dir.is_empty():
@@ -83,35 +98,53 @@ def _train(run_dir: RunFolder, out: str, data: list[str], options: dict, resume:
         options = {**(SERIES_DEFAULTS if options.get("task") == "series" else {}), **options}
     config = TrainConfig.from_json(options)
     config.check()
-    task = TASKS[config.task]
+    return config, data
+
+
+def _resumed_options(saved: dict, options: dict, out: str) -> tuple[dict, list[str]]:
+    """run.json's options updated with `options`, and its data."""
+    saved["train"].setdefault("shuffle", False)  # a run begun before shuffling existed walked corpus order
+    fixed = sorted(k for k, v in options.items() if k not in RESUMABLE and v != saved["train"].get(k))
+    if fixed:
+        raise TrainingError(f"--resume cannot change {', '.join(fixed)}; the run keeps its model and data")
+    data = [with_access_of(d, out) for d in saved["data"]]  # stored without the query: the --out URI's
+    return {**saved["train"], **options}, data
+
+
+def _dataset(run_dir: RunFolder, data: list[str], task, log: Callable[[str], None], before_ray: Callable[[], None]):
+    """The prepared dataset `data` names, or text INPUTs prepared into RUN_DIR/data."""
     if not data:
         raise TrainingError("--data is required: a prepared dataset folder" + (" or text INPUTs" if task.name == "text" else ""))
     if is_prepared(data):
         dataset = task.open(data[0])
         before_ray()
-    elif task.name == "series":
+        return dataset
+    if task.name == "series":
         raise TrainingError(f"--task series needs a dataset prepared by charrnn prepare-series; {data[0]} is not one")
-    else:
-        log(redact_uris(f"preparing {' '.join(data)} into {run_dir.uri('data')}"))
-        prepare(data, run_dir.uri("data"), log=log, before_ray=before_ray)
-        dataset = task.open(run_dir.uri("data"))
-    run_dir.write_text(RUN_FILE, json.dumps({"data": [public_location(dataset.location)], "train": config.to_json()},
-                                            indent=1))
+    log(redact_uris(f"preparing {' '.join(data)} into {run_dir.uri('data')}"))
+    prepare(data, run_dir.uri("data"), log=log, before_ray=before_ray)
+    return task.open(run_dir.uri("data"))
 
-    job = task.job(dataset, config)
-    train_points = job["train_points"]
+
+def _job(config: TrainConfig, task, dataset, run_dir: RunFolder, cpus: int, verbose: bool,
+         log: Callable[[str], None]) -> Job:
+    """The run sized: steps per epoch and in all (the fewer of --max-steps and --epochs'), threads."""
+    train_points = task.train_points(dataset)
     steps_per_epoch = max(1, train_points // (config.batch * config.seq))
     total_steps = min(s for s in (config.max_steps, config.epochs and math.ceil(config.epochs * steps_per_epoch)) if s)
     log(f"training {config.cell} {config.layers}x{config.hidden} on {train_points:,} {task.unit} "
         f"({steps_per_epoch:,} steps per epoch), {total_steps:,} steps, {config.workers} worker(s), "
         f"batch {config.batch} (global) x seq {config.seq}")
+    return Job(config=config, spec=task.spec(dataset, config), train_points=train_points, data=dataset.location,
+               run_dir=run_dir.location, total_steps=total_steps,
+               threads=config.threads_per_worker or max(1, cpus // config.workers), verbose=verbose)
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    threads = config.threads_per_worker or max(1, cpus // config.workers)
-    trainer = TorchTrainer(
+
+def _trainer(job: Job, run_dir: RunFolder, cpus: int) -> TorchTrainer:
+    config = job.config
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**job, "train": config.to_json(), "data": dataset.location, "run_dir": run_dir.location,
-                           "total_steps": total_steps, "threads": threads, "verbose": verbose},
+        train_loop_config=job.to_dict(),
         torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
                                                resources_per_worker=_worker_resources(config, cpus)),
@@ -125,27 +158,31 @@ def _train(run_dir: RunFolder, out: str, data: list[str], options: dict, resume:
             # Train's print patch would echo each worker line a second time through its logger.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             # Ray Train's lines at every report and checkpoint: with --verbose only.
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if job.verbose else "WARNING"),
         ),
     )
-    try:
-        result = _fit(trainer)
-    except ray.train.TrainingFailedError as err:
-        raise TrainingError(f"training failed after {config.max_failures} restart(s): {_first_line(err)}") from None
-    finally:
-        records = metric_records(run_dir.read_text(METRICS) or "")
-        png = plot_losses(records, task.loss_unit)
-        if png:
-            run_dir.write_bytes("loss.png", png)
-    metrics = result.metrics or {}
+
+
+def _plot(run_dir: RunFolder, loss_unit: str) -> list[dict]:
+    """RUN_DIR/loss.png from metrics.jsonl, whose records it returns."""
+    records = metric_records(run_dir.read_text(METRICS) or "")
+    png = plot_losses(records, loss_unit)
+    if png:
+        run_dir.write_bytes("loss.png", png)
+    return records
+
+
+def _summary(run_dir: RunFolder, out: str, result: ray.train.Result, records: list[dict]) -> dict:
+    """What train() returns, unless the run diverged: rank 0 records that in metrics.jsonl alone,
+    since Train's result holds only the checkpointed reports."""
     diverged = records[-1] if records and records[-1].get("event") == "diverged" else None
     if diverged:
         raise TrainingError(f"training diverged at step {diverged['step']} (loss {diverged['loss']}); "
                             f"the last good checkpoint and the best model are kept in {out}")
     model_config = run_dir.read_text("model/config.json")
     info = json.loads(model_config)["info"] if model_config else {}
-    return {"steps": metrics.get("step"), "best_val_loss": info.get("val_loss"), "model": run_dir.uri("model"),
-            "run_dir": run_dir.location}
+    return {"steps": (result.metrics or {}).get("step"), "best_val_loss": info.get("val_loss"),
+            "model": run_dir.uri("model"), "run_dir": run_dir.location}
 
 
 def _fit(trainer: TorchTrainer) -> ray.train.Result:

@@ -35,7 +35,8 @@ def quiet(ds):
     return ds
 
 
-def epoch_runs(dataset, task, epoch: int, rank: int, world: int, seed: int, shuffle_buffer: int) -> Iterator[np.ndarray]:
+def epoch_runs(dataset, task, epoch: int, rank: int, world: int, seed: int,
+               shuffle_buffer: int) -> Iterator[np.ndarray]:
     """This rank's training runs of `epoch`, as arrays (`task.runs`), in the epoch's order;
     `shuffle_buffer` 0 keeps corpus order."""
     shuffle = shuffle_buffer > 0

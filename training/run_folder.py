@@ -70,7 +70,8 @@ class RunFolder:
                 return
             with tempfile.TemporaryDirectory() as local:
                 write(local)
-                pafs.copy_files(local, staging, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+                pafs.copy_files(local, staging, source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=self.fs)
 
     def is_empty(self) -> bool:
         """Absent or holding nothing."""

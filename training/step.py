@@ -60,7 +60,8 @@ def choose_precision(requested: str, model, window: Window, state, device) -> tu
         return "fp32", f"auto: fp32 (no native bf16 on this {device.type})"
     timings = probe_precision(model, window, state, device)
     chosen = "bf16" if timings["bf16"] < 0.9 * timings["fp32"] else "fp32"
-    return chosen, f"auto: {chosen} (forward+backward of this batch: fp32 {timings['fp32']:.0f} ms, bf16 {timings['bf16']:.0f} ms)"
+    return chosen, (f"auto: {chosen} (forward+backward of this batch: fp32 {timings['fp32']:.0f} ms, "
+                    f"bf16 {timings['bf16']:.0f} ms)")
 
 
 def probe_precision(model, window: Window, state, device, repeats: int = 3) -> dict:

@@ -1,7 +1,7 @@
 """What differs between training on text and on time series, behind one small interface, so the
 driver and the per-worker loop are written once:
 
-  driver side:  open the dataset, count its training points, build the job's model entry
+  driver side:  open the dataset, count its training points, write the spec the workers build it from
   worker side:  build the network, read a shard's runs as arrays, judge a loss, save the model
 
 Text runs are token ids and the loss is cross-entropy in nats per character; series runs are
@@ -31,15 +31,19 @@ class TextTask:
         return PreparedDataset(location)
 
     @staticmethod
-    def job(dataset: PreparedDataset, config: TrainConfig) -> dict:
+    def train_points(dataset: PreparedDataset) -> int:
+        return dataset.tokens("train")
+
+    @staticmethod
+    def spec(dataset: PreparedDataset, config: TrainConfig) -> dict:
         vocab = dataset.manifest["vocab"]
         model = ModelConfig(vocab_size=vocab["size"], cell=config.cell, layers=config.layers, hidden=config.hidden,
                             dropout=config.dropout, embedding_dim=config.embedding_dim)
-        return {"task": "text", "model": model.to_json(), "vocab": vocab, "train_points": dataset.tokens("train")}
+        return {"model": model.to_json(), "vocab": vocab}
 
-    def __init__(self, job: dict):
-        self.config = ModelConfig.from_json(job["model"])
-        self.vocab = job["vocab"]
+    def __init__(self, spec: dict):
+        self.config = ModelConfig.from_json(spec["model"])
+        self.vocab = spec["vocab"]
         self.dtype = Vocabulary.from_json(self.vocab).dtype
 
     def build(self) -> CharRNN:
@@ -71,15 +75,18 @@ class SeriesTask:
         return PreparedSeries(location)
 
     @staticmethod
-    def job(dataset: PreparedSeries, config: TrainConfig) -> dict:
+    def train_points(dataset: PreparedSeries) -> int:
+        return dataset.points("train")
+
+    @staticmethod
+    def spec(dataset: PreparedSeries, config: TrainConfig) -> dict:
         model = SeriesConfig(features=len(dataset.columns), cell=config.cell, layers=config.layers,
                              hidden=config.hidden, dropout=config.dropout)
-        series = {"columns": dataset.columns, **dataset.normalization}
-        return {"task": "series", "model": model.to_json(), "series": series, "train_points": dataset.points("train")}
+        return {"model": model.to_json(), "series": {"columns": dataset.columns, **dataset.normalization}}
 
-    def __init__(self, job: dict):
-        self.config = SeriesConfig.from_json(job["model"])
-        self.series = job["series"]
+    def __init__(self, spec: dict):
+        self.config = SeriesConfig.from_json(spec["model"])
+        self.series = spec["series"]
         self.mean = np.asarray(self.series["mean"], np.float32)
         self.std = np.asarray(self.series["std"], np.float32)
 

@@ -40,7 +40,7 @@ class PrepareOptions:
     range_mb: float = 32.0
     errors: str = "strict"  # or "replace": invalid UTF-8 becomes U+FFFD
 
-    def check(self) -> None:
+    def validate(self) -> None:
         if self.min_count < 1:
             raise CorpusError(f"--min-count must be >= 1, got {self.min_count}")
         if self.max_vocab is not None and not 1 <= self.max_vocab <= 65535:
@@ -63,7 +63,7 @@ def prepare(inputs: list[str], out: str, options: PrepareOptions = PrepareOption
 
     `before_ray` runs once the inputs and `out` are checked, before any Ray work: the CLI starts or
     joins Ray there, so bad arguments fail in milliseconds rather than after Ray's start-up."""
-    options.check()
+    options.validate()
     started = time.perf_counter()
     sources = expand_inputs(inputs) if inputs else default_corpus()
     out_fs, out_path = resolve_filesystem(out)
