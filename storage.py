@@ -92,6 +92,18 @@ def with_access_of(location: str, like: str) -> str:
     return urlunsplit((stored.scheme, netloc, stored.path, given.query, ""))
 
 
+def read_file(location: str) -> bytes:
+    """The whole file at `location`, a local path or a URI."""
+    fs, path = resolve_filesystem(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"file not found: {public_location(location)}") from None
+    except OSError as err:
+        raise StorageError(f"cannot read {public_location(location)}: {redact_uris(str(err))}") from None
+
+
 def write_bytes(fs: pafs.FileSystem, path: str, payload: bytes) -> None:
     with fs.open_output_stream(path) as f:
         f.write(payload)

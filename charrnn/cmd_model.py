@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from charrnn.errors import CommandError
 
@@ -36,7 +35,7 @@ def add_commands(sub) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: the network under bf16 autocast, faster on hardware with native bf16, the "
                         "loss not exactly float32's (default fp32)")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files: local paths or pyarrow.fs URIs")
     p.set_defaults(handler=_run_eval)
 
 
@@ -81,13 +80,12 @@ def _run_eval(args) -> int:
     from models import score
     from models.generate import bits_per_char
     from pipeline.text.vocab import normalize_newlines
+    from storage import read_file
 
     model, vocab, _ = source.load(source.resolve(args.model))
     for name in args.files:
         try:
-            text = normalize_newlines(Path(name).read_bytes().decode("utf-8"))
-        except FileNotFoundError:
-            raise CommandError(f"file not found: {name}") from None
+            text = normalize_newlines(read_file(name).decode("utf-8"))
         except UnicodeDecodeError as err:
             raise CommandError(f"invalid UTF-8 in {name} at byte {err.start}") from None
         lanes = args.lanes or min(64, max(1, len(text) // 16384))

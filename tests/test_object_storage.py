@@ -69,6 +69,13 @@ def test_train_resume_and_load_from_s3(bucket, tmp_path):
     model, vocab, info = source.load(model_folder)
     assert info["step"] == 45 and vocab.size > 20
     assert source.default_name(model_folder) == "run"
+    # sample and eval read a run folder on the store as serve does.
+    sampled = run_cli("sample", "--model", uri("run"), "--prime", "The", "--length", "20", "--seed", "3")
+    assert sampled.returncode == 0 and sampled.stdout.startswith("The") and len(sampled.stdout) >= 23, sampled.stderr
+    with fs.open_output_stream("charrnn/story.txt") as f:
+        f.write((tmp_path / "story.txt").read_bytes())
+    evaluated = run_cli("eval", "--model", uri("run"), uri("story.txt"))
+    assert evaluated.returncode == 0 and "nats/char" in evaluated.stdout, evaluated.stderr
     files = [i.path for i in fs.get_file_info(pafs.FileSelector("charrnn/run", recursive=True))
              if i.type == pafs.FileType.File and i.size < 1 << 20]
     assert not [f for f in files if b"endpoint_override" in fs.open_input_stream(f).read()]
