@@ -38,7 +38,8 @@ def cpu() -> dict:
         lines = f.read().splitlines()
     name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), platform.processor())
     flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
-    return {"cpu": name, "cpus": os.cpu_count(), "flags": [f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")]}
+    return {"cpu": name, "cpus": os.cpu_count(),
+            "flags": [f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")]}
 
 
 def random_model(text: str, folder: Path, hidden: int, layers: int) -> Path:
@@ -84,10 +85,12 @@ def ceiling(model: Path, chars: int, one_stream_s: float) -> dict:
     from models import load_model
 
     net = load_model(model)[0]
-    flops_per_char = 2 * sum(w.numel() for name, w in net.named_parameters() if "weight" in name and "embed" not in name)
+    flops_per_char = 2 * sum(w.numel() for name, w in net.named_parameters()
+                             if "weight" in name and "embed" not in name)
     done = subprocess.run([sys.executable, "-c", MATMUL], capture_output=True, text=True, check=True)
     gflops = json.loads(done.stdout)
-    out = {"mflop_per_char": round(flops_per_char / 1e6, 2), "matmul_gflop_per_s": {k: round(v) for k, v in gflops.items()}}
+    out = {"mflop_per_char": round(flops_per_char / 1e6, 2),
+           "matmul_gflop_per_s": {k: round(v) for k, v in gflops.items()}}
     for name, rate in gflops.items():
         fastest = flops_per_char * chars / (rate * 1e9)
         out[f"fastest_s_{name}"] = round(fastest, 1)

@@ -209,8 +209,9 @@ class TreeSampler(threading.Thread):
 
     def report(self) -> dict:
         return {"peak_rss_mb": round(self.peak_rss * 1024 / MB, 1), "peak_pss_mb": round(self.peak_pss * 1024 / MB, 1),
-                "max_processes": self.max_procs, "samples": self.samples, "cpu_s": round(sum(
-                    self._last_ticks[p] - self._first_ticks[p] for p in self._last_ticks) / os.sysconf("SC_CLK_TCK"), 1),
+                "max_processes": self.max_procs, "samples": self.samples,
+                "cpu_s": round(sum(self._last_ticks[p] - self._first_ticks[p] for p in self._last_ticks)
+                               / os.sysconf("SC_CLK_TCK"), 1),
                 "other_processes_cpu_s": round(self.foreign_ticks / os.sysconf("SC_CLK_TCK"), 1)}
 
 
@@ -279,7 +280,8 @@ def cli_prepare(corpus: dict, out: Path, num_cpus: int, interval: float) -> dict
 
 def check_manifest(manifest: dict, corpus: dict) -> None:
     if manifest["totals"]["bytes"] != corpus["bytes"] or manifest["totals"]["files"] != corpus["n_files"]:
-        sys.exit(f"prepare read {manifest['totals']} of a corpus of {corpus['bytes']} bytes in {corpus['n_files']} files")
+        sys.exit(f"prepare read {manifest['totals']} of a corpus of {corpus['bytes']} bytes "
+                 f"in {corpus['n_files']} files")
 
 
 def shard_digests(manifest: dict) -> list[str]:
@@ -325,9 +327,11 @@ def inprocess_prepare(corpus: dict, warmup: dict, out: Path, num_cpus: int, inte
         for range_mb in range_sweep:
             shutil.rmtree(out)
             t0 = time.perf_counter()
-            prepare([corpus["path"]], str(out), PrepareOptions(errors="strict", range_mb=range_mb), log=lambda msg: None)
+            prepare([corpus["path"]], str(out), PrepareOptions(errors="strict", range_mb=range_mb),
+                    log=lambda msg: None)
             took = time.perf_counter() - t0
-            sweep.append({"range_mb": range_mb, "seconds": round(took, 2), "mb_per_s": round(corpus["bytes"] / MB / took, 1)})
+            sweep.append({"range_mb": range_mb, "seconds": round(took, 2),
+                          "mb_per_s": round(corpus["bytes"] / MB / took, 1)})
     finally:
         ray.shutdown()
     check_manifest(manifest, corpus)
@@ -342,7 +346,8 @@ def inprocess_prepare(corpus: dict, warmup: dict, out: Path, num_cpus: int, inte
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes-mb", default="250,2000", help="corpus sizes for the memory runs (default 250,2000)")
-    ap.add_argument("--throughput-mb", type=float, default=500, help="corpus size for the throughput runs (default 500)")
+    ap.add_argument("--throughput-mb", type=float, default=500,
+                    help="corpus size for the throughput runs (default 500)")
     ap.add_argument("--classic-mb", type=float, default=0,
                     help="time the classic encode on this prefix of the throughput corpus (default 0: all of it)")
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs for Ray (default: all)")
@@ -352,7 +357,8 @@ def main() -> None:
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                     help="before each timed step, wait up to S seconds for other processes to go idle (default 0)")
     ap.add_argument("--range-sweep", default="", metavar="MB,MB,...",
-                    help="after the timed in-process prepare, time it once more at each of these --range-mb (default: none)")
+                    help="after the timed in-process prepare, time it once more at each of these --range-mb "
+                         "(default: none)")
     ap.add_argument("--quick", action="store_true", help="smoke run: sizes 16,128 MB, throughput 32 MB")
     args = ap.parse_args()
     if args.quick:

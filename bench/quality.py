@@ -77,8 +77,10 @@ def quality(name: str, args) -> dict:
 
     # The stack alone (--side stack) is scored too, on the same targets, with no baseline beside it.
     print("[bench] quality: scoring ...", file=sys.stderr, flush=True)
-    losses, out["held_out"] = held_out_losses(text[split:], sorted(set(text)), cfg, weights if "baseline" in out else None,
-                                              {f"held_out_loss{k}": v for k, v in model_dirs.items()}, data, args.threads)
+    losses, out["held_out"] = held_out_losses(text[split:], sorted(set(text)), cfg,
+                                              weights if "baseline" in out else None,
+                                              {f"held_out_loss{k}": v for k, v in model_dirs.items()},
+                                              data, args.threads)
     out["held_out"]["text"] = HELD_OUT.format(args.corpus.name)
     if "baseline" in out:
         out["baseline"]["held_out_loss"] = losses.pop("baseline")
@@ -167,7 +169,8 @@ def stack_result(run_dir: Path, cmd: list[str], wall: float | None, busy: float 
     done = checkpoint_dirs(run_dir)
     best = json.loads((run_dir / "model" / "config.json").read_text())["info"]
     result = {"steps": steps[-1]["step"], "train_loss": round(steps[-1]["loss"], 4), "best_step": best["step"],
-              "best_own_val_loss": round(best["val_loss"], 4), "process_s": wall and round(wall, 1), "foreign_cores": busy,
+              "best_own_val_loss": round(best["val_loss"], 4), "process_s": wall and round(wall, 1),
+              "foreign_cores": busy,
               "precision": next((r["precision"] for r in records if "precision" in r), "fp32"), "cmd": " ".join(cmd),
               "sessions": [r for r in records if r.get("event") in ("precision", "resumed")]}
     return result, {"": run_dir / "model", "_final": done[max(done)] / "model"}
@@ -288,7 +291,8 @@ def main() -> None:
     budget = ap.add_mutually_exclusive_group(required=True)
     budget.add_argument("--minutes", type=float, help="compare after this much training-loop time each")
     budget.add_argument("--epochs", type=float, help="... or after this many epochs each (the recipe's 20)")
-    budget.add_argument("--parity-steps", type=int, help="... or the stack's bf16 against its fp32 after this many steps")
+    budget.add_argument("--parity-steps", type=int,
+                        help="... or the stack's bf16 against its fp32 after this many steps")
     add("--stack-args", default="", help="more `charrnn train` options for the stack's run, e.g. a recipe")
     add("--side", choices=["both", "baseline", "stack"], default="both",
         help="run one side only (its result is saved in --work; default both, scored)")

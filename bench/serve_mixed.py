@@ -129,7 +129,8 @@ def main() -> None:
 
     statuses = Counter(r.status_code for r in answers)
     u, lo = summary(unloaded), summary(loaded)
-    ratio = lo["median_chars_per_s"] / u["median_chars_per_s"] if u["median_chars_per_s"] and lo["median_chars_per_s"] else None
+    ratio = (lo["median_chars_per_s"] / u["median_chars_per_s"]
+             if u["median_chars_per_s"] and lo["median_chars_per_s"] else None)
     print(json.dumps({
         "command": " ".join(["python", "bench/serve_mixed.py", *sys.argv[1:]]),
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,

@@ -46,8 +46,8 @@ def measure(device: torch.device, batch: int, precision: str, args) -> dict:
         loss, grad_norm, state = train_step(model, optimizer, scheduler, window, state, 5.0, device, precision)
         float(grad_norm)  # the worker reads it every step: a host sync, as in training
     seconds = time.perf_counter() - started
-    return {"chars_per_s": round(args.steps * batch * args.seq / seconds), "ms_per_step": round(1000 * seconds / args.steps, 1),
-            "loss": round(float(loss), 4)}
+    return {"chars_per_s": round(args.steps * batch * args.seq / seconds),
+            "ms_per_step": round(1000 * seconds / args.steps, 1), "loss": round(float(loss), 4)}
 
 
 def main() -> None:

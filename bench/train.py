@@ -13,7 +13,8 @@ batch 32; seq 100) it runs, one after the other on this machine, each in its own
 
 `chars_per_s`, which the targets use (stack/bare >= 0.95; stack/baseline >= 1.3 at seed and >= 1.5
 at small on a CPU with native bf16, >= 1.0 elsewhere; `--precision` sets the stack's and the bare
-loop's, both `auto` by default, and the report says what each chose), is batch x seq x timed steps over the wall time from the end of the last warm-up step to
+loop's, both `auto` by default, and the report says what each chose), is batch x seq x timed steps
+over the wall time from the end of the last warm-up step to
 the end of the last timed one: data feeding and bookkeeping count. A stack step ends when its
 record appears in RUN/metrics.jsonl (polled every 10 ms); one more, untimed step holds the final
 validation and save. `compute_chars_per_s` counts train_step time alone, like the stack's own
@@ -280,7 +281,8 @@ def stack(cfg: dict, steps: int, warmup: int, data: Path, args, log: Path) -> di
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
     chosen = next(e for e in events if e["event"] == "precision")
     return {**steady([r["seen"] for r in tail.steps], tail.compute(tokens), warmup, steps, tokens),
-            "precision": chosen["precision"], "precision_why": chosen["why"], "threads": args.threads or args.num_cpus, "train_loss": round(tail.steps[-1]["loss"], 4),
+            "precision": chosen["precision"], "precision_why": chosen["why"], "threads": args.threads or args.num_cpus,
+            "train_loss": round(tail.steps[-1]["loss"], 4),
             "process_s": round(wall, 1), "startup_s": round(tail.steps[0]["seen"] - launched, 1),
             "cores_during_timed_steps": cores_between(before, after, t1 - t0, "ray::RayTrainWo"), "cmd": " ".join(cmd)}
 

@@ -69,7 +69,8 @@ def head():
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"ray start --head exited with {proc.returncode}:\n{(root / 'head.log').read_text()[-3000:]}")
+                pytest.fail(f"ray start --head exited with {proc.returncode}:\n"
+                            f"{(root / 'head.log').read_text()[-3000:]}")
             try:
                 if requests.get(f"{url}/api/version", timeout=5).status_code in (200, 401):
                     break
@@ -244,7 +245,8 @@ def test_a_local_ray_asks_for_its_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from charrnn import ray_session as rs; rs.require_token_for_local_ray()\n"
-         "import ray; rs.connect(None, 1); print(ray.get_runtime_context().gcs_address, ray.worker.get_dashboard_url(), flush=True)\n"
+         "import ray; rs.connect(None, 1); "
+         "print(ray.get_runtime_context().gcs_address, ray.worker.get_dashboard_url(), flush=True)\n"
          "sys.stdin.read()"], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         gcs, dashboard = proc.stdout.readline().split()

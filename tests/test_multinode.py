@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in th
 # Steps slow enough (tens of ms) that the node goes while most of the run is still ahead.
 STEPS = 200
 TRAIN = ["--cell", "lstm", "--layers", "1", "--hidden", "128", "--dropout", "0", "--batch", "16", "--seq", "64",
-         "--lr", "0.01", "--val-every", "250", "--checkpoint-every", "20", "--log-every", "50", "--max-steps", str(STEPS)]
+         "--lr", "0.01", "--val-every", "250", "--checkpoint-every", "20", "--log-every", "50",
+         "--max-steps", str(STEPS)]
 
 
 def node_processes(node) -> dict[int, bytes]:

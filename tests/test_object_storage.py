@@ -45,7 +45,8 @@ def test_train_resume_and_load_from_s3(bucket, tmp_path):
     first = run_cli("train", "--data", tmp_path / "story.txt", "--out", uri("run"), "--max-steps", "30", *TINY)
     assert first.returncode == 0, first.stderr
     # Shown and stored without the query (endpoint, keys): --resume takes it from --out again.
-    assert "model in s3://charrnn/run/model\n" in first.stdout and "endpoint_override" not in first.stdout + first.stderr
+    assert "model in s3://charrnn/run/model\n" in first.stdout and \
+        "endpoint_override" not in first.stdout + first.stderr
     assert run_cli("verify", uri("run/data")).returncode == 0
     records = [json.loads(l) for l in _read(fs, "charrnn/run/metrics.jsonl").splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 31))
@@ -112,7 +113,8 @@ def test_prepare_replaces_a_dataset_on_s3_whole(bucket, tmp_path):
         assert result.returncode == 0, result.stderr
     manifest = json.loads(_read(fs, "charrnn/replaced/manifest.json"))
     assert manifest["options"]["run_length"] == 7000
-    listed = {i.path[len("charrnn/replaced/"):] for i in fs.get_file_info(pafs.FileSelector("charrnn/replaced", recursive=True))
+    listed = {i.path[len("charrnn/replaced/"):]
+              for i in fs.get_file_info(pafs.FileSelector("charrnn/replaced", recursive=True))
               if i.type == pafs.FileType.File}
     shards = {s["path"] for split in manifest["splits"].values() for s in split["shards"]}
     assert listed == shards | {"manifest.json"}

@@ -107,10 +107,12 @@ def test_a_model_save_killed_between_its_renames_loses_nothing(tmp_path):
     (tmp_path / "model").rename(tmp_path / ".model.old-0123456789ab")
     (tmp_path / ".model.partial-ba9876543210").mkdir()
     with pytest.raises(ValueError):  # a save refused while writing loses nothing
-        run.save_folder("model", lambda path: save_model(CharRNN(config), config, {"chars": "abcd", "unknown_id": 4}, path))
+        run.save_folder("model", lambda path: save_model(CharRNN(config), config,
+                                                          {"chars": "abcd", "unknown_id": 4}, path))
     assert load_model(tmp_path / "model")[3] == {"step": 1}  # the next save brought the old model back first
-    run.save_folder("model", lambda path: save_model(CharRNN(config), config, {"chars": "abcd", "unknown_id": 4} | vocab,
-                                                      path, info={"step": 2}))
+    run.save_folder("model", lambda path: save_model(CharRNN(config), config,
+                                                      {"chars": "abcd", "unknown_id": 4} | vocab, path,
+                                                      info={"step": 2}))
     assert load_model(tmp_path / "model")[3] == {"step": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 

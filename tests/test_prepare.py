@@ -51,7 +51,8 @@ def write_corpus(root, files: dict[str, bytes]):
 # --- round trip and layout ---------------------------------------------------------------------
 
 unicode_text = st.lists(
-    st.one_of(st.characters(codec="utf-8", exclude_characters="\x00"), st.sampled_from(["\r\n", "\r", "\n", "é", "😀"])),
+    st.one_of(st.characters(codec="utf-8", exclude_characters="\x00"),
+              st.sampled_from(["\r\n", "\r", "\n", "é", "😀"])),
     min_size=1, max_size=300,
 ).map("".join)
 
@@ -73,7 +74,8 @@ def test_round_trip_random_unicode_over_many_ranges(ray_local, tmp_path_factory,
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=st.binary(max_size=64).map(lambda b: bytes(x % 128 for x in b)) | st.text(alphabet="ab\r\n\u00e9").map(str.encode))
+@given(data=st.binary(max_size=64).map(lambda b: bytes(x % 128 for x in b))
+       | st.text(alphabet="ab\r\n\u00e9").map(str.encode))
 def test_fast_ascii_count_equals_counting_the_decoded_text(data):
     """Pass 1 counts ASCII ranges on the raw bytes; it must count what pass 2 encodes."""
     counted, decoded = count_range(data, "strict"), decode_range(data, "strict")
@@ -124,7 +126,8 @@ def test_manifest_figures_match_the_source(ray_local, tmp_path):
     assert vocab["counts"] == [counts[c] for c in vocab["chars"]]
     assert vocab["unknown_id"] == len(counts) and vocab["size"] == len(counts) + 1 and vocab["dtype"] == "uint8"
     splits = manifest["splits"]
-    assert splits["train"]["tokens"] + splits["validation"]["tokens"] == sum(counts.values()) == manifest["totals"]["chars"]
+    assert splits["train"]["tokens"] + splits["validation"]["tokens"] == sum(counts.values()) == \
+        manifest["totals"]["chars"]
     assert manifest["totals"]["bytes"] == sum(len(b) for b in files.values())
     total_runs = manifest["totals"]["runs"]
     assert splits["train"]["runs"] + splits["validation"]["runs"] == total_runs
@@ -254,7 +257,8 @@ def test_replacing_a_dataset_keeps_no_leftovers(ray_local, tmp_path):
     prepare([str(tmp_path / "c.txt")], str(tmp_path / "ds"), PrepareOptions(run_length=20), **QUIET)
     write_corpus(tmp_path, {"c.txt": b"version two!\n" * 30})
     manifest = prepare([str(tmp_path / "c.txt")], str(tmp_path / "ds"), PrepareOptions(run_length=20), **QUIET)
-    assert json.loads((tmp_path / "ds" / "manifest.json").read_text()) == {k: v for k, v in manifest.items() if k != "elapsed_s"}
+    assert json.loads((tmp_path / "ds" / "manifest.json").read_text()) == \
+        {k: v for k, v in manifest.items() if k != "elapsed_s"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "ds"]
     assert "!" in PreparedDataset(str(tmp_path / "ds")).vocab.chars
 

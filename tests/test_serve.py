@@ -174,7 +174,8 @@ def test_decoder_stop_strings_and_streamed_chunks(run_dir):
     decoder = Decoder(model, vocab.chars + ["\ufffd"], max_batch=8, flush_chars=3)
 
     try:
-        seq, chunks = _stream(decoder, vocab.encode("Anna").tolist(), Sampling(max_chars=300, seed=5, stop=("sister", ".")))
+        seq, chunks = _stream(decoder, vocab.encode("Anna").tolist(),
+                              Sampling(max_chars=300, seed=5, stop=("sister", ".")))
         assert seq.finish_reason == "stop" and "." not in seq.text and "sister" not in seq.text
         assert "".join(chunks) == seq.text and len(chunks) > 1
         [free] = _decode_all(decoder, [(vocab.encode("Anna").tolist(), Sampling(max_chars=300, seed=5))])
@@ -414,7 +415,8 @@ def test_generate_with_stop_and_unknown_characters(server):
     out = post(server, "/v1/generate", {"prime": "Anna", "max_chars": 300, "seed": 3, "stop": ["."]}).json()
     assert out["finish_reason"] == "stop" and "." not in out["text"] and 0 < out["chars"] < 300
     # é, the snowman, a tab, a lone surrogate and CRLF are not in the vocabulary (or not characters)
-    odd = post(server, "/v1/generate", '{"prime": "The caf\\u00e9 \\u2603\\t\\ud800\\r\\n", "max_chars": 20, "seed": 1}')
+    odd = post(server, "/v1/generate",
+               '{"prime": "The caf\\u00e9 \\u2603\\t\\ud800\\r\\n", "max_chars": 20, "seed": 1}')
     assert odd.status_code == 200, odd.text
     assert odd.json()["chars"] == 20
 
@@ -649,12 +651,14 @@ def test_deployment_options_and_config_file(run_dir):
     assert app.import_path == "deploy.app:app_builder" and set(app.args) >= {"model", "replicas", "max_concurrent"}
     with pytest.raises(ValueError, match="unknown application arguments: colour"):
         app_builder({"model": str(run_dir), "colour": "red"})
-    app_builder({"model": str(run_dir), "replicas": "2", "gpu": "false", "max_chars": "10"})  # `serve run` passes strings
+    app_builder({"model": str(run_dir), "replicas": "2", "gpu": "false",
+                 "max_chars": "10"})  # `serve run` passes strings
 
     limits = Limits(max_concurrent=32, max_queued=100)
     fixed = deployment_options(limits, replicas=3)
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
-    assert fixed["max_ongoing_requests"] > 132 and fixed["backpressure_config"] == {"status_code": 429, "retry_after_s": 1}
+    assert fixed["max_ongoing_requests"] > 132 and fixed["backpressure_config"] == {"status_code": 429,
+                                                                                    "retry_after_s": 1}
     scaled = deployment_options(limits, autoscale=(2, 5), gpu=True, num_cpus=2)
     assert scaled["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5, "initial_replicas": 2,
                                             "target_ongoing_requests": 16}

@@ -21,14 +21,16 @@ FIELDS = ["prime", "prompt", "text", "max_chars", "max_tokens", "temperature", "
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 50),
                     st.floats(allow_nan=False), st.floats(0, 2), st.text(max_size=80), st.sampled_from(["The ", "m"]))
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+json_values = st.recursive(scalars, lambda inner: (st.lists(inner, max_size=4)
+                                                   | st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                            max_leaves=12)
 def _mostly(valid, other=json_values):
     return st.one_of(valid, valid, valid, other)
 
 
 texts = st.text(min_size=1, max_size=70)
-sampling = dict(temperature=_mostly(st.floats(0, 3)), top_k=_mostly(st.integers(-1, 20)), top_p=_mostly(st.floats(0, 1.2)),
+sampling = dict(temperature=_mostly(st.floats(0, 3)), top_k=_mostly(st.integers(-1, 20)),
+                top_p=_mostly(st.floats(0, 1.2)),
                 seed=_mostly(st.integers(-2**64, 2**64)), stop=_mostly(st.lists(st.text(max_size=5), max_size=5)),
                 stream=_mostly(st.booleans()))
 plausible = st.one_of(  # (route, body) near what each route accepts, so that many reach the decoder

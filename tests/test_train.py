@@ -130,7 +130,8 @@ def test_resumed_run_matches_an_uninterrupted_one_and_keeps_its_options(story_da
 
 def test_a_bf16_run_resumes_in_another_precision(story_dataset, tmp_path):
     out = str(tmp_path / "run")
-    train([story_dataset], out, {**TINY, "precision": "bf16", "max_steps": 10, "checkpoint_every": 5}, log=lambda m: None)
+    train([story_dataset], out, {**TINY, "precision": "bf16", "max_steps": 10, "checkpoint_every": 5},
+          log=lambda m: None)
     resumed = train([], out, {"max_steps": 15, "precision": "fp32"}, resume=True, log=lambda m: None)
     assert resumed["steps"] == 15
     assert [r["precision"] for r in records(tmp_path / "run") if r.get("event") == "precision"] == ["bf16", "fp32"]
@@ -143,7 +144,8 @@ def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(story_d
               log=lambda m: None)
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "ray").glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-000000001"]
-    assert [(r.get("event"), r["step"]) for r in records(tmp_path / "run") if "step" in r] == [(None, 1), ("diverged", 2)]
+    assert [(r.get("event"), r["step"]) for r in records(tmp_path / "run") if "step" in r] == \
+        [(None, 1), ("diverged", 2)]
 
 
 CLI_TINY = ["--hidden", "32", "--layers", "1", "--batch", "8", "--seq", "32", "--max-steps", "20",
@@ -178,8 +180,8 @@ def test_a_stopped_train_ends_every_process_it_started(tmp_path, signum):
     from conftest import REPO, alive, descendants
 
     write_story_corpus(tmp_path / "story.txt", 30_000)
-    cmd = [sys.executable, "-m", "charrnn", "train", "--data", str(tmp_path / "story.txt"), "--out", str(tmp_path / "run"),
-           *CLI_TINY, "--max-steps", "100000", "--log-every", "1"]
+    cmd = [sys.executable, "-m", "charrnn", "train", "--data", str(tmp_path / "story.txt"),
+           "--out", str(tmp_path / "run"), *CLI_TINY, "--max-steps", "100000", "--log-every", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     family = []
