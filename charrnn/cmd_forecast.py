@@ -37,8 +37,8 @@ def _run_forecast(args) -> int:
     from models import Normalization, forecast
     from pipeline.series.read import read_points
 
-    model, series, _ = source.load_series(source.resolve(args.model))
-    columns = series["columns"]
+    model, feature_scaling, _ = source.load_series(source.resolve(args.model))
+    columns = feature_scaling["columns"]
     history = read_points(args.history, columns)
     truth = None
     if args.holdout:
@@ -46,7 +46,8 @@ def _run_forecast(args) -> int:
             raise CommandError(f"--holdout needs more than --steps {args.steps} rows in {args.history}, which has "
                                f"{len(history)}")
         history, truth = history[: -args.steps], history[-args.steps :]
-    predicted = forecast(model, Normalization(series["mean"], series["std"]), [history], [args.steps])[0]
+    normalization = Normalization(feature_scaling["mean"], feature_scaling["std"])
+    predicted = forecast(model, normalization, [history], [args.steps])[0]
 
     lines = ["step," + ",".join(columns)]
     lines += [f"{step}," + ",".join(f"{v:.9g}" for v in row) for step, row in enumerate(predicted, start=1)]

@@ -70,7 +70,7 @@ class Decoder:
         self._state = self._logits = self._params = None
         self._ready: list[Sequence] = []  # primed, waiting for a place in the batch
         self._load = 0  # sequences submitted and not finished, plus scores running
-        self._task: asyncio.Task | None = None
+        self._step_loop: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._stopped: DecoderStopped | None = None  # set once, when the loop dies
         self._stats = dict(steps=0, chars=0, sequences=0, prime_chars=0, scored_chars=0, max_batch_seen=0,
@@ -148,7 +148,7 @@ class Decoder:
                 "active": len(self._rows), "waiting": self._load - len(self._rows),
                 "queued_chars": self._prefill.chars,
                 "max_batch": self.max_batch, "min_step_batch": self.min_step_batch,
-                "running": self._task is not None and not self._task.done()}
+                "running": self._step_loop is not None and not self._step_loop.done()}
 
     def raise_if_stopped(self) -> None:
         """Raise DecoderStopped if the decode loop died (a replica health check calls this)."""
@@ -156,24 +156,24 @@ class Decoder:
             raise self._stopped
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        if self._step_loop is not None:
+            self._step_loop.cancel()
         self._step_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the loop -------------------------------------------------------------------------------------
 
     def _start(self, loop) -> None:
-        if self._task is None:
+        if self._step_loop is None:
             self._wake = asyncio.Event()
-            self._task = loop.create_task(self._run(), name="charrnn-decoder")
-            self._task.add_done_callback(self._died)
+            self._step_loop = loop.create_task(self._run(), name="charrnn-decoder")
+            self._step_loop.add_done_callback(self._died)
 
     def _died(self, task: asyncio.Task) -> None:
         """The loop never returns: it ended by a bug, or was cancelled (close(), or its event loop
         ended, after which a new loop may start it again). After a bug every sequence it held or
         was about to take fails now rather than waiting forever, and so does any new one."""
         if task.cancelled():
-            self._task = None
+            self._step_loop = None
             return
         self._stopped = DecoderStopped(f"the decoder stopped: {task.exception()!r}")
         self.logger.error("charrnn decoder: the decode loop died", exc_info=task.exception())

@@ -41,8 +41,8 @@ class SeriesServer:
     def __init__(self, folder: str, name: str, limits: SeriesLimits, device: str = "cpu", threads: int | None = None,
                  batch_wait_s: float = BATCH_WAIT_S, api_key_sha256: str | None = None):
         set_up_replica(device, threads)
-        self.model, series, _ = source.load_series(folder, device)
-        self.normalization = Normalization(series["mean"], series["std"])
+        self.model, feature_scaling, _ = source.load_series(folder, device)
+        self.normalization = Normalization(feature_scaling["mean"], feature_scaling["std"])
         self.name, self.limits, self.created = name, limits, int(time.time())
         self.api_key_sha256 = api_key_sha256
         # The decorator's values are the defaults; this replica's limits replace them.
@@ -52,8 +52,8 @@ class SeriesServer:
         self.batches = Counter()  # batch size -> models.forecast calls
         cfg = self.model.config
         logger.info("charrnn: serving series model %s from %s (%s %dx%d, columns %s) on %s, %d torch threads",
-                    name, public_location(folder), cfg.cell, cfg.layers, cfg.hidden, ", ".join(series["columns"]),
-                    device, torch.get_num_threads())
+                    name, public_location(folder), cfg.cell, cfg.layers, cfg.hidden,
+                    ", ".join(feature_scaling["columns"]), device, torch.get_num_threads())
 
     @serve.batch(max_batch_size=SeriesLimits.max_concurrent, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _forecast_batch(self, histories: list[np.ndarray], steps: list[int]) -> list[np.ndarray]:

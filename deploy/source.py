@@ -43,10 +43,10 @@ def load(folder: str, device: str = "cpu"):
 
 
 def load_series(folder: str, device: str = "cpu"):
-    """(series model in eval mode, series {columns, mean, std}, info) from a folder `resolve` returned."""
+    """(series model in eval mode, feature_scaling {columns, mean, std}, info) from a folder `resolve` returned."""
     with local_copy(folder, (CONFIG, WEIGHTS)) as path:
-        model, _, series, info = load_series_model(path, device=device)
-        return model, series, info
+        model, _, feature_scaling, info = load_series_model(path, device=device)
+        return model, feature_scaling, info
 
 
 def task(folder: str) -> str:

@@ -37,13 +37,13 @@ def save_model(model: torch.nn.Module, config: ModelConfig, vocab: dict, path: s
     _write(model, CharRNN, config, {"task": "text", "vocab": vocab}, path, info)
 
 
-def save_series_model(model: torch.nn.Module, config: SeriesConfig, series: dict, path: str | os.PathLike,
+def save_series_model(model: torch.nn.Module, config: SeriesConfig, feature_scaling: dict, path: str | os.PathLike,
                       info: dict | None = None) -> None:
-    """Write a time-series model: weights, `config`, `series` ({columns, mean, std}: the
-    normalization of the prepared series dataset) and `info`, as save_model does."""
+    """Write a time-series model: weights, `config`, `feature_scaling` (the JSON key `series`: {columns,
+    mean, std}, the normalization of the prepared series dataset) and `info`, as save_model does."""
     path = Path(path)
-    _check_series(series, config, path)
-    _write(model, SeriesRNN, config, {"task": "series", "series": series}, path, info)
+    _check_series(feature_scaling, config, path)
+    _write(model, SeriesRNN, config, {"task": "series", "series": feature_scaling}, path, info)
 
 
 def _write(model, network, config, task_keys: dict, path: Path, info: dict | None) -> None:
@@ -101,13 +101,13 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"
 def load_series_model(path: str | os.PathLike, device: torch.device | str = "cpu"
                       ) -> tuple[SeriesRNN, SeriesConfig, dict, dict]:
     """Read the time-series model folder `path` -> (model on `device` in eval mode, config,
-    series {columns, mean, std}, info)."""
+    feature_scaling {columns, mean, std}, info)."""
     path = Path(path)
     meta = _read_config(path, "series")
     config = _parse_config(SeriesConfig, meta, path)
-    series, info = meta.get("series"), meta.get("info", {})
-    _check_series(series, config, path)
-    return _load_weights(SeriesRNN, config, path, device), config, series, info
+    feature_scaling, info = meta.get("series"), meta.get("info", {})
+    _check_series(feature_scaling, config, path)
+    return _load_weights(SeriesRNN, config, path, device), config, feature_scaling, info
 
 
 def _read_config(path: Path, task: str | None = None) -> dict:
@@ -159,15 +159,17 @@ def _load_weights(network, config, path: Path, device):
     return model.to(device).eval()
 
 
-def _check_series(series, config: SeriesConfig, path: Path) -> None:
-    if not isinstance(series, dict) or not all(isinstance(series.get(k), list) for k in ("columns", "mean", "std")):
+def _check_series(feature_scaling, config: SeriesConfig, path: Path) -> None:
+    """The config.json key `series`: the features' names and normalization."""
+    keys = ("columns", "mean", "std")
+    if not isinstance(feature_scaling, dict) or not all(isinstance(feature_scaling.get(k), list) for k in keys):
         raise ModelFolderError(f"{path}: series must be a JSON object with columns, mean and std (lists)")
-    if not len(series["columns"]) == len(series["mean"]) == len(series["std"]) == config.features:
+    if not len({len(feature_scaling[k]) for k in keys} | {config.features}) == 1:
         raise ModelFolderError(f"{path}: series columns, mean and std must each have the model's "
                                f"{config.features} feature(s)")
-    numbers = series["mean"] + series["std"]
+    numbers = feature_scaling["mean"] + feature_scaling["std"]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers) \
-            or not all(v > 0 for v in series["std"]):
+            or not all(v > 0 for v in feature_scaling["std"]):
         raise ModelFolderError(f"{path}: series mean must be finite numbers and std positive ones")
 
 

@@ -44,7 +44,8 @@ def save_lanes(folder: str, rank: int, world: int, epoch: int, taken: int, remai
     for i, part in enumerate(parts):
         tensors[f"state.{i}"] = part.detach().float().cpu().numpy()
     save_file(tensors, os.path.join(folder, lanes_file(rank)),
-              metadata={"format": LANES_FORMAT, "version": "1", "world": str(world), "epoch": str(epoch), "taken": str(taken)})
+              metadata={"format": LANES_FORMAT, "version": "1", "world": str(world), "epoch": str(epoch),
+                        "taken": str(taken)})
 
 
 def load_lanes(folder: str, rank: int, world: int, device) -> dict | None:

@@ -42,7 +42,7 @@ class TrainConfig:
     threads_per_worker: Optional[int] = None  # torch threads; default: this node's CPUs / workers
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
 
-    def check(self) -> None:
+    def validate(self) -> None:
         positive = ("layers", "hidden", "batch", "seq", "val_every", "val_max_tokens", "checkpoint_every",
                     "log_every", "workers")
         for name in positive:

@@ -97,7 +97,7 @@ def _options(run_dir: RunFolder, out: str, data: list[str], options: dict, resum
     else:
         options = {**(SERIES_DEFAULTS if options.get("task") == "series" else {}), **options}
     config = TrainConfig.from_json(options)
-    config.check()
+    config.validate()
     return config, data
 
 
@@ -114,7 +114,8 @@ def _resumed_options(saved: dict, options: dict, out: str) -> tuple[dict, list[s
 def _dataset(run_dir: RunFolder, data: list[str], task, log: Callable[[str], None], before_ray: Callable[[], None]):
     """The prepared dataset `data` names, or text INPUTs prepared into RUN_DIR/data."""
     if not data:
-        raise TrainingError("--data is required: a prepared dataset folder" + (" or text INPUTs" if task.name == "text" else ""))
+        inputs = " or text INPUTs" if task.name == "text" else ""
+        raise TrainingError(f"--data is required: a prepared dataset folder{inputs}")
     if is_prepared(data):
         dataset = task.open(data[0])
         before_ray()

@@ -86,9 +86,9 @@ class SeriesTask:
 
     def __init__(self, spec: dict):
         self.config = SeriesConfig.from_json(spec["model"])
-        self.series = spec["series"]
-        self.mean = np.asarray(self.series["mean"], np.float32)
-        self.std = np.asarray(self.series["std"], np.float32)
+        self.feature_scaling = spec["series"]
+        self.mean = np.asarray(self.feature_scaling["mean"], np.float32)
+        self.std = np.asarray(self.feature_scaling["std"], np.float32)
 
     def build(self) -> SeriesRNN:
         return SeriesRNN(self.config)
@@ -105,7 +105,7 @@ class SeriesTask:
         return {"val_loss": val_loss}
 
     def save(self, module, path, info: dict) -> None:
-        save_series_model(module, self.config, self.series, path, info=info)
+        save_series_model(module, self.config, self.feature_scaling, path, info=info)
 
     @staticmethod
     def load_state(path) -> dict:
