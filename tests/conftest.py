@@ -22,10 +22,20 @@ def ray_local():
     ray.shutdown()
 
 
+def free_ports(count: int) -> list[int]:
+    """Ports free on loopback now, all different (other Rays run on this machine: no defaults)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def run_cli(*args, timeout=300, **kwargs) -> subprocess.CompletedProcess:

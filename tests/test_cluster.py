@@ -4,7 +4,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,21 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, alive, descendants, write_story_corpus
+from conftest import REPO, alive, descendants, free_port, free_ports, write_story_corpus
 
 pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports free on loopback now, all different (other Rays run on this machine: no defaults)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _ray_executable() -> str:
@@ -44,7 +31,7 @@ def head():
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = _free_ports(9)
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = free_ports(9)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
@@ -216,7 +203,7 @@ def test_serve_on_a_shared_cluster_touches_only_its_own_application(head, tmp_pa
 
     config = ModelConfig(vocab_size=4, hidden=16, layers=1)
     save_model(CharRNN(config), config, {"chars": "abc", "unknown_id": 3}, tmp_path / "model")
-    port = _free_ports(1)[0]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     other, _ = _start_serve(head, tmp_path / "model", port, "--app-name", "other", "--route-prefix", "/other",
                             "--name", "theirs")
