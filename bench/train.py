@@ -21,7 +21,8 @@ validation and save. `compute_chars_per_s` counts train_step time alone, like th
 `chars_per_s` field and the baseline's figure. `foreign_cores`: how busy the machine was (cores,
 /proc/stat, 2 s) before each run, while none of ours ran; above ~0.2 other load disturbs the figures.
 `cores_during_timed_steps` (stack): the cores the training worker, the stack's other processes
-(Ray's daemons and actors, the driver) and everything else kept busy over the timed steps.
+(Ray's daemons and actors, the driver) and everything else kept busy over the timed steps;
+`trainer_minor_faults_per_step`: the training worker's minor page faults per timed step.
 On a machine whose speed drifts from process to process, `--rounds N` runs the three sides N times
 in turn and reports each side's median round, with every round's figure and ratio beside it.
 
@@ -82,9 +83,10 @@ def foreign_cores(before: str = "", wait_s: float = 0, threshold: float = 0.2) -
             return busy
 
 
-def session_cpu(sid: int) -> dict:
+def session_cpu(sid: int, faults: dict | None = None) -> dict:
     """CPU seconds so far: of each process in session `sid` by its name ("ray::RayTrainWo", "raylet", ...,
-    summed over processes of one name), and of the whole machine ("machine")."""
+    summed over processes of one name), and of the whole machine ("machine"). `faults`, if given, gets
+    each name's minor page faults so far."""
     hz, out = os.sysconf("SC_CLK_TCK"), {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -92,10 +94,12 @@ def session_cpu(sid: int) -> dict:
                 stat = f.read()
         except OSError:  # ended meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp session ... utime(11) stime(12)
+        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp session ... minflt(7) ... utime(11) stime(12)
         if int(fields[3]) == sid:
             name = stat[stat.index("(") + 1:stat.rindex(")")]
             out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / hz
+            if faults is not None:
+                faults[name] = faults.get(name, 0) + int(fields[7])
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
     out["machine"] = (sum(values) - values[3] - values[4]) / hz
@@ -272,11 +276,13 @@ def stack(cfg: dict, steps: int, warmup: int, data: Path, args, log: Path) -> di
         tail()
         for mark in (warmup, warmup + steps):
             if len(tail.steps) >= mark and mark not in snapshots:
-                snapshots[mark] = (time.time(), session_cpu(sid))
+                faults = {}
+                snapshots[mark] = (time.time(), session_cpu(sid, faults), faults)
 
     launched = time.time()
     wall = run_ok("charrnn train", [sys.executable, "-m", *cmd], log, poll=poll)
-    (t0, before), (t1, after) = snapshots[warmup], snapshots[warmup + steps]
+    (t0, before, faults0), (t1, after, faults1) = snapshots[warmup], snapshots[warmup + steps]
+    worker = "ray::RayTrainWo"
     tokens = cfg["batch"] * cfg["seq"]
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
     chosen = next(e for e in events if e["event"] == "precision")
@@ -284,7 +290,10 @@ def stack(cfg: dict, steps: int, warmup: int, data: Path, args, log: Path) -> di
             "precision": chosen["precision"], "precision_why": chosen["why"], "threads": args.threads or args.num_cpus,
             "train_loss": round(tail.steps[-1]["loss"], 4),
             "process_s": round(wall, 1), "startup_s": round(tail.steps[0]["seen"] - launched, 1),
-            "cores_during_timed_steps": cores_between(before, after, t1 - t0, "ray::RayTrainWo"), "cmd": " ".join(cmd)}
+            "cores_during_timed_steps": cores_between(before, after, t1 - t0, worker),
+            # Page faults are counted by the kernel, not timed: they compare across loaded and idle runs.
+            "trainer_minor_faults_per_step": round((faults1.get(worker, 0) - faults0.get(worker, 0)) / steps),
+            "cmd": " ".join(cmd)}
 
 
 # ------------------------------------------------------------------------------- shared with quality.py

@@ -10,11 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import CorpusError
+from pipeline.sources import expand_inputs
 from pipeline.text.dataset import PreparedDataset, token_runs
 from pipeline.text.prepare import PrepareOptions, prepare
-from pipeline.sources import expand_inputs
 from pipeline.text.ranges import TextRangeDatasource, snap_cut
 from pipeline.text.vocab import count_codepoints, count_range, decode_range, normalize_newlines
+from storage import StorageError
 
 QUIET = dict(log=lambda msg: None)
 
@@ -247,7 +248,7 @@ def test_missing_path_and_empty_folder_are_named(tmp_path):
 
 def test_refuses_to_replace_a_folder_that_is_not_a_dataset(tmp_path):
     write_corpus(tmp_path, {"c.txt": b"text", "precious/notes.txt": b"mine"})
-    with pytest.raises(CorpusError, match="refusing to replace"):
+    with pytest.raises(StorageError, match="refusing to replace"):  # a location's error (storage.py), any command
         prepare([str(tmp_path / "c.txt")], str(tmp_path / "precious"), **QUIET)
     assert (tmp_path / "precious" / "notes.txt").read_bytes() == b"mine"
 

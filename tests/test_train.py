@@ -231,6 +231,50 @@ print(default, applied, faults_per_round())
     assert float(default) > 4000 and float(kept) < 400, done.stdout
 
 
+def test_a_training_thread_in_a_ray_worker_does_not_refault_its_buffers(ray_local):
+    """In the environment the driver gives Train's workers, a step run in a thread of the worker (as
+    Ray Train runs the loop) reuses its activation buffers: without it, this step faulted about
+    200,000 pages each time here (BENCHMARKS.md, session 16)."""
+    from training.driver import WORKER_ENV
+
+    @ray_local.remote(runtime_env={"env_vars": WORKER_ENV})
+    def faults_per_step() -> float:
+        import resource
+        import threading
+
+        import torch
+        import torch.nn.functional as F
+
+        from models import CharRNN, ModelConfig
+        from training.step import keep_freed_memory
+
+        keep_freed_memory()
+        torch.set_num_threads(1)
+        config = ModelConfig(vocab_size=83, layers=2, hidden=512, dropout=0.5)  # the seed's network
+        model = CharRNN(config)
+        optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+        batch = torch.randint(83, (128, 101))
+        found = []
+
+        def steps():
+            for i in range(5):
+                if i == 2:  # after two warm-up steps
+                    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+                logits, _ = model(batch[:, :-1])
+                loss = F.cross_entropy(logits.reshape(-1, 83), batch[:, 1:].reshape(-1))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            found.append((resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before) / 3)
+
+        thread = threading.Thread(target=steps)
+        thread.start()
+        thread.join()
+        return found[0]
+
+    assert ray_local.get(faults_per_step.remote()) < 20_000
+
+
 def test_a_torn_last_metrics_line_breaks_neither_resume_nor_the_plot(tmp_path):
     """A run killed while writing metrics.jsonl leaves half a line: the restart's truncation (what
     --resume does) and the plot read past it."""

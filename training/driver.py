@@ -35,6 +35,15 @@ from training.checkpoint import TRAINER_STATE
 from training.worker import train_loop_per_worker
 
 RUN_FILE = "run.json"
+WORKER_ENV = {
+    # Train's print patch would echo each worker line a second time through its logger.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # The training loop runs in a thread of the worker, and glibc gives a thread its own arena, whose
+    # heaps are at most 64 MB: a bigger activation buffer is then mapped and unmapped at every step,
+    # faulting it in afresh (keep_freed_memory cannot help there). One arena, the main one, keeps
+    # them (BENCHMARKS.md, session 16: faults per step in the worker).
+    "MALLOC_ARENA_MAX": "1",
+}
 # What --resume may change: how long to train and on what, not the model, the optimiser or the data.
 RESUMABLE = {"epochs", "max_steps", "max_minutes", "workers", "gpu", "threads_per_worker", "max_failures", "val_every",
              "val_max_tokens", "checkpoint_every", "log_every", "precision"}
@@ -156,8 +165,7 @@ def _trainer(job: Job, run_dir: RunFolder, cpus: int) -> TorchTrainer:
             name=CHECKPOINTS, storage_path=run_dir.path, storage_filesystem=None if run_dir.is_local else run_dir.fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            # Train's print patch would echo each worker line a second time through its logger.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={"env_vars": WORKER_ENV},
             # Ray Train's lines at every report and checkpoint: with --verbose only.
             logging_config=ray.train.LoggingConfig(log_level="INFO" if job.verbose else "WARNING"),
         ),
