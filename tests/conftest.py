@@ -10,6 +10,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def pytest_collection_modifyitems(items):
+    """A test on the session's Ray is in the slow tier, as are the modules marked slow (pyproject.toml)."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session (2 CPUs, as on CI), shut down at the end."""

@@ -8,6 +8,8 @@ import torch
 from conftest import error_line, run_cli
 from models import CharRNN, ModelConfig, SeriesConfig, SeriesRNN, save_model, save_series_model
 
+pytestmark = pytest.mark.slow  # trains a series model first (tens of seconds on a busy machine)
+
 PHASE = 0.3  # the history's phase: not one the model was trained on
 
 

@@ -62,6 +62,7 @@ def _prepared(tmp_path, text: str, out: str = "ds"):
     return PreparedDataset(str(tmp_path / out))
 
 
+@pytest.mark.slow  # prepares a dataset with Ray first
 def test_a_publish_killed_between_its_renames_gets_the_old_dataset_back(tmp_path):
     old = _prepared(tmp_path, "the old text\n" * 30)
     # What _swap_by_rename leaves when killed after its first rename: the dataset stepped aside.
@@ -73,6 +74,7 @@ def test_a_publish_killed_between_its_renames_gets_the_old_dataset_back(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "ds"]
 
 
+@pytest.mark.slow  # prepares a dataset with Ray first
 def test_a_second_command_on_a_locked_output_fails_and_touches_nothing(tmp_path):
     _prepared(tmp_path, "the first text\n" * 30)
     before = {p: p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file()}

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO, alive, descendants, error_line, run_cli
 
 
@@ -19,6 +21,7 @@ def test_help_explains_every_option():
         assert option in help_text
 
 
+@pytest.mark.slow  # runs prepare with Ray
 def test_prepare_prints_a_summary_and_verify_checks_it(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.txt").write_text("All happy families are alike.\n" * 300)
@@ -38,6 +41,7 @@ def test_prepare_prints_a_summary_and_verify_checks_it(tmp_path):
     assert bad.returncode == 1 and "checksum mismatch" in bad.stderr and shard.name in bad.stderr
 
 
+@pytest.mark.slow  # runs prepare with Ray
 def test_errors_are_one_line_with_nonzero_exit(tmp_path):
     assert "input not found: nope.txt" in error_line(run_cli("prepare", "nope.txt", "--out", tmp_path / "ds"))
     assert "--val-fraction" in error_line(run_cli("prepare", "x", "--out", tmp_path / "ds", "--val-fraction", "1.5"))
@@ -106,6 +110,7 @@ def _thaw(pids: list[int]) -> None:
             os.kill(pid, signal.SIGCONT)
 
 
+@pytest.mark.slow  # runs prepare with Ray
 def test_interrupted_run_leaves_the_old_dataset_valid(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "a.txt").write_text("the old corpus\n" * 100)

@@ -79,6 +79,7 @@ def test_bad_model_folders(model_dir, tmp_path):
     assert "format version 99" in error_line(run_cli("eval", "--model", future, __file__))
 
 
+@pytest.mark.slow  # scores 70,000 characters three times
 def test_eval_of_a_long_file_runs_in_lanes_with_one_streams_loss(model_dir, tmp_path):
     import numpy as np
 
