@@ -234,7 +234,7 @@ print(default, applied, faults_per_round())
 def test_a_training_thread_in_a_ray_worker_does_not_refault_its_buffers(ray_local):
     """In the environment the driver gives Train's workers, a step run in a thread of the worker (as
     Ray Train runs the loop) reuses its activation buffers: without it, this step faulted about
-    200,000 pages each time here (BENCHMARKS.md, session 16)."""
+    180,000 to 200,000 pages each time here (BENCHMARKS.md, session 16)."""
     from training.driver import WORKER_ENV
 
     @ray_local.remote(runtime_env={"env_vars": WORKER_ENV})
@@ -257,8 +257,8 @@ def test_a_training_thread_in_a_ray_worker_does_not_refault_its_buffers(ray_loca
         found = []
 
         def steps():
-            for i in range(5):
-                if i == 2:  # after two warm-up steps
+            for i in range(7):
+                if i == 4:  # after four warm-up steps: the heap has settled
                     before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
                 logits, _ = model(batch[:, :-1])
                 loss = F.cross_entropy(logits.reshape(-1, 83), batch[:, 1:].reshape(-1))
@@ -272,7 +272,8 @@ def test_a_training_thread_in_a_ray_worker_does_not_refault_its_buffers(ray_loca
         thread.join()
         return found[0]
 
-    assert ray_local.get(faults_per_step.remote()) < 20_000
+    # Measured 1,100 to 20,600 with it, 180,000 to 198,000 without (bench/worker_faults.py).
+    assert ray_local.get(faults_per_step.remote()) < 50_000
 
 
 def test_a_torn_last_metrics_line_breaks_neither_resume_nor_the_plot(tmp_path):
