@@ -22,6 +22,7 @@ import json
 import os
 import posixpath
 import re
+import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -123,8 +124,6 @@ def local_copy(location: str, names: tuple[str, ...]) -> Iterator[str]:
     if not is_uri(location):
         yield location
         return
-    import tempfile
-
     fs, path = resolve_filesystem(location)
     with tempfile.TemporaryDirectory(prefix="charrnn-") as tmp:
         for name in names:
