@@ -8,11 +8,15 @@ network in slices between the steps, on the same thread (chunked prefill, deploy
 neither a long prime nor a pile of scores stalls decoding or a new request. The torch work runs
 off the event loop, which stays free for HTTP.
 
-Same seed, same text, whatever else is in the batch: sampling draws one uniform per row from the
-row's own generator (Sequence.next_uniform, models.sample_next), and the batched step is padded to
-at least `min_step_batch` rows, the smallest batch from which the math library gives every row
-bit-identical results whatever the batch size (measured at start-up: tiny batches take a different
-kernel whose float rounding differs, which could flip a sample).
+What a prime leaves behind is a Context (deploy/state_cache.py): the replica caches it, so a prime
+that begins with a cached prefix runs only the rest; requests whose primes are the same and in
+flight together share one run; a session's context continues where it stopped. Every fork of a
+context samples what its own prime would have.
+
+Same seed, same text, whatever else is in the batch and whatever was cached: sampling draws one
+uniform per row from the row's own generator (Sequence.next_uniform, models.sample_next), the
+batched step is padded (deploy/padded_step.py), and a text run in slices from a saved context
+gives bit for bit the state it gives in one piece.
 
 Pure PyTorch + asyncio: no Ray, no Serve, no vocabulary (ids in, characters out via `table`)."""
 from __future__ import annotations
@@ -24,28 +28,26 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from deploy.decoder_stats import DecoderStats
+from deploy.padded_step import measure_min_step_batch, padded_step, state_map
 from deploy.prefill import Prefill, PrimeJob, ScoreJob
 from deploy.sampling import Sampling
 from deploy.sequence import Sequence
+from deploy.state_cache import Context, PrefixCache, key_of
 from models import CharRNN, sample_next
+
 
 class DecoderStopped(RuntimeError):
     """The decode loop died: this decoder takes no more work, and what it held failed with this."""
 
 
-def _state_map(fn, *states):
-    """Apply fn to the state tensor(s): LSTM states are (h, c), GRU and RNN states h alone."""
-    if isinstance(states[0], tuple):
-        return tuple(fn(*parts) for parts in zip(*states))
-    return fn(*states)
-
-
 class Decoder:
     def __init__(self, model: CharRNN, table: list[str], max_batch: int = 64, min_step_batch: int | None = None,
                  flush_chars: int = 32, flush_interval_s: float = 0.25, log_interval_s: float = 10.0,
-                 logger: logging.Logger | None = None):
+                 logger: logging.Logger | None = None, state_cache_bytes: int = 64 << 20):
         """`table`: id -> character, for every id the model can produce. `min_step_batch` None:
-        measured (see the module's doc). A stream gets its first character at once, then its text
+        measured (deploy/padded_step.py). `state_cache_bytes`: the prefix cache's bound (0: off). A
+        stream gets its first character at once, then its text
         every `flush_chars` characters or `flush_interval_s` seconds, whichever comes first: each
         chunk costs the replica and Serve's proxy about a millisecond of CPU, so at 64 streams
         a 0.1 s interval spent a third of this 2-core machine on chunks (bench/serve.py: 3,720
@@ -56,8 +58,10 @@ class Decoder:
             table = list(table) + ["\ufffd"] * (model.config.vocab_size - len(table))
         self.table, self.max_batch = table, max_batch
         self.flush_chars, self.flush_interval_s = flush_chars, flush_interval_s
-        self.log_interval_s, self.logger = log_interval_s, logger or logging.getLogger("ray.serve")
-        self.min_step_batch = min_step_batch or self.measure_min_step_batch(model, max_batch)
+        self.logger = logger or logging.getLogger("ray.serve")
+        self.min_step_batch = min_step_batch or measure_min_step_batch(model, max_batch)
+        self.cache = PrefixCache(state_cache_bytes)
+        self._priming: dict[str, PrimeJob] = {}  # cacheable primes in prefill, by key: later twins join them
         # One thread runs the torch work: decode steps, and prefill slices between them.
         self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="charrnn-step")
         self._prefill = Prefill(self.device)
@@ -69,15 +73,11 @@ class Decoder:
         self._rows: list[Sequence] = []
         self._state = self._logits = self._params = None
         self._ready: list[Sequence] = []  # primed, waiting for a place in the batch
-        self._load = 0  # sequences submitted and not finished, plus scores running
+        self._load = 0  # sequences submitted and not finished, plus scores and context primes running
         self._step_loop: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._stopped: DecoderStopped | None = None  # set once, when the loop dies
-        self._stats = dict(steps=0, chars=0, sequences=0, prime_chars=0, scored_chars=0, max_batch_seen=0,
-                           step_seconds=0.0, step_cpu_seconds=0.0)
-        self._hist: dict[int, int] = {}  # batch size -> steps
-        self._window = (time.monotonic(), 0, 0)  # at the last log line: time, steps, chars
-        self._window_max = 0  # the largest batch since then (written by the step thread)
+        self._stats = DecoderStats(self.logger, log_interval_s)
 
     # -- the caller's side (on the event loop) ------------------------------------------------------
 
@@ -97,57 +97,104 @@ class Decoder:
         return self.submit_group(prime, [sampling], sink, index)[0]
 
     def submit_group(self, prime: list[int], samplings: list[Sampling], sink: asyncio.Queue | None = None,
-                     first_index: int = 0) -> list[Sequence]:
-        """One sequence per sampling after the same `prime`, which runs through the network once."""
-        if not prime:
+                     first_index: int = 0, start: Context | None = None) -> list[Sequence]:
+        """One sequence per sampling after the same `prime`, which runs through the network once.
+        `start`: continue from that context (a session's) rather than from the zero state; `prime`
+        may then be empty."""
+        if not prime and start is None:
             raise ValueError("the prime must hold at least one id")
-        if self._stopped:
-            raise self._stopped
+        self._accept()
         loop = asyncio.get_running_loop()
-        self._start(loop)
         seqs = [Sequence(prime, s, self.device, loop, sink, first_index + i) for i, s in enumerate(samplings)]
         self._load += len(seqs)
         for seq in seqs:
             if seq.sampling.max_chars == 0:
                 self._finish(seq, "length")
         if waiting := [seq for seq in seqs if seq.finish_reason is None]:
-            self._prefill.add(PrimeJob(prime, waiting))
-            self._wake.set()
+            self._prime(prime, start, waiting, [])
         return seqs
 
-    async def score(self, ids: list[int]) -> tuple[float, int]:
-        """(summed loss in nats, characters predicted) of `ids` (at least two), sliced between decode
-        steps. Cancelling the caller drops the rest of the work."""
-        if self._stopped:
-            raise self._stopped
-        loop = asyncio.get_running_loop()
-        self._start(loop)
-        job = ScoreJob(ids, loop.create_future())
+    async def context(self, ids: list[int], start: Context | None = None) -> Context:
+        """The context after `ids` (read from `start`, or from the zero state): what a session keeps."""
+        if not ids:
+            if start is None:
+                raise ValueError("a context needs at least one id")
+            return start
+        self._accept()
+        future = asyncio.get_running_loop().create_future()
+        self._load += 1
+        try:
+            self._prime(ids, start, [], [future])
+            return await future
+        finally:
+            self._load -= 1
+
+    async def score(self, ids: list[int], top: int | None = None) -> ScoreJob:
+        """The finished ScoreJob of `ids` (at least two): `total` (summed loss in nats) over `count`
+        characters predicted, and with `top` set each one's log-probability and `top` alternatives.
+        Sliced between decode steps; cancelling the caller drops the rest of the work."""
+        self._accept()
+        job = ScoreJob(ids, asyncio.get_running_loop().create_future(), top)
         self._load += 1
         self._prefill.add(job)
         self._wake.set()
         try:
-            total, count = await job.future
+            await job.future
         except asyncio.CancelledError:
             job.cancelled = True
             raise
         finally:
             self._load -= 1
-        self._stats["scored_chars"] += count
-        return total, count
+        self._stats.counts["scored_chars"] += job.count
+        return job
+
+    def _accept(self) -> None:
+        """Refuse work once the loop died; start it on this event loop if it is not running."""
+        if self._stopped:
+            raise self._stopped
+        self._start(asyncio.get_running_loop())
+
+    def _prime(self, ids: list[int], start: Context | None, seqs: list[Sequence], waiters: list) -> None:
+        """Run `ids` from `start` for `seqs` and `waiters`: from the longest cached prefix (`start`
+        None), or joining the same prime already in prefill, or in a job of its own."""
+        if not ids:
+            return self._primed(seqs, waiters, start)
+        if start is not None:  # a session's text: private, never cached
+            job = PrimeJob(ids, seqs, start, waiters=waiters)
+        else:
+            key = key_of(ids)
+            if (twin := self._priming.get(key)) is not None:
+                twin.seqs += seqs
+                twin.waiters += waiters
+                return
+            pos, cached, shared = self.cache.lookup(key)
+            if pos == len(ids):
+                return self._primed(seqs, waiters, cached)
+            job = PrimeJob(ids, seqs, cached, pos, self.cache.snapshot_points(len(ids), pos, shared), key, waiters)
+            self._priming[key] = job
+        self._prefill.add(job)
+        self._wake.set()
+
+    def _primed(self, seqs: list[Sequence], waiters: list, context: Context) -> None:
+        """Hand a prime's context to the sequences (they wait for a place in the batch) and futures
+        that asked for it."""
+        for future in waiters:
+            if not future.done():
+                future.set_result(context)
+        for seq in seqs:
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+            else:
+                seq.context = context
+                self._ready.append(seq)
+        if seqs:
+            self._wake.set()
 
     def stats(self) -> dict:
-        steps = self._stats["steps"]
-        return {**{k: v for k, v in self._stats.items() if k not in ("step_seconds", "step_cpu_seconds")},
-                "mean_batch": self._stats["chars"] / steps if steps else 0.0,
-                "mean_step_ms": 1e3 * self._stats["step_seconds"] / steps if steps else 0.0,
-                # of that, the step thread's CPU time; at one torch thread on the CPU, the rest it
-                # waited for a core or for the GIL
-                "mean_step_cpu_ms": 1e3 * self._stats["step_cpu_seconds"] / steps if steps else 0.0,
-                "batch_histogram": {str(k): v for k, v in sorted(self._hist.items())},
-                "active": len(self._rows), "waiting": self._load - len(self._rows),
+        return {**self._stats.summary(), "active": len(self._rows), "waiting": self._load - len(self._rows),
                 "queued_chars": self._prefill.chars,
                 "max_batch": self.max_batch, "min_step_batch": self.min_step_batch,
+                "state_cache": self.cache.summary(),
                 "running": self._step_loop is not None and not self._step_loop.done()}
 
     def raise_if_stopped(self) -> None:
@@ -193,19 +240,25 @@ class Decoder:
                 if job.error is not None:
                     job.future.set_exception(job.error)
                 elif not job.cancelled:
-                    job.future.set_result((job.total, job.count))
+                    job.future.set_result(job)
             return
-        if job.done and job.error is None:
-            self._stats["prime_chars"] += len(job.ids)
-        for i, seq in enumerate(job.seqs):
-            if job.error is not None:
+        if self._priming.get(job.key) is job:
+            del self._priming[job.key]
+        if job.error is not None:
+            for future in job.waiters:
+                if not future.done():
+                    future.set_exception(job.error)
+            for seq in job.seqs:
                 self._fail(seq, job.error)
-            elif seq.cancelled:
-                self._finish(seq, "cancelled")
-            else:  # the first sequence takes the state, the others a copy (fork)
-                seq.logits = job.logits if i == 0 else job.logits.clone()
-                seq.state = job.state if i == 0 else _state_map(torch.clone, job.state)
-                self._ready.append(seq)
+        elif not job.done:  # dropped, every client gone; a twin that joined since starts it again
+            self._primed([seq for seq in job.seqs if seq.cancelled], [], None)
+            if (seqs := [seq for seq in job.seqs if not seq.cancelled]) or any(not f.done() for f in job.waiters):
+                self._prime(job.ids, None, seqs, [f for f in job.waiters if not f.done()])
+        else:
+            self._stats.counts["prime_chars"] += job.size
+            for pos, context in job.contexts:
+                self.cache.insert(job.key[:pos], context)
+            self._primed(job.seqs, job.waiters, job.context)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -213,7 +266,7 @@ class Decoder:
         while True:
             if running is None:
                 if not self._rows and not self._ready and not self._prefill:
-                    self._log(idle=True)
+                    self._stats.log(len(self._rows), self._load - len(self._rows), idle=True)
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -241,7 +294,7 @@ class Decoder:
             for seq in finished:
                 self._finish(seq, seq.finish_reason)
             self._flush_streams()
-            self._log()
+            self._stats.log(len(self._rows), self._load - len(self._rows))
 
     def _launch(self, loop) -> tuple[asyncio.Future, list[Sequence]]:
         """Start the next turn on the step thread: (its future, every sequence it holds)."""
@@ -253,7 +306,7 @@ class Decoder:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         self._load -= 1
-        self._stats["sequences"] += 1
+        self._stats.counts["sequences"] += 1
         if seq.sink is not None:
             rest = seq._pending(final=True)
             if rest:
@@ -280,20 +333,6 @@ class Decoder:
                     seq.sink.put_nowait((seq, text))
                     seq.last_emit = now
 
-    def _log(self, idle: bool = False) -> None:
-        """Every log_interval_s while decoding, and when it goes idle: the batch sizes of the steps."""
-        (then, steps_then, chars_then), now = self._window, time.monotonic()
-        steps_now, chars_now = self._stats["steps"], self._stats["chars"]  # a step may end meanwhile
-        if steps_now == steps_then or not idle and now - then < self.log_interval_s:
-            return
-        steps, chars = steps_now - steps_then, chars_now - chars_then
-        top, self._window_max = self._window_max, 0
-        rows = len(self._rows)
-        self.logger.info("charrnn decoder: %d steps in %.1fs, batch mean %.1f max %d, %.0f chars/s, "
-                         "active %d, waiting %d", steps, now - then, chars / steps, top,
-                         chars / (now - then), rows, self._load - rows)
-        self._window = (now, steps_now, chars_now)
-
     # -- torch work (on the pools' threads) -----------------------------------------------------------
 
     @torch.inference_mode()
@@ -312,11 +351,9 @@ class Decoder:
         run the survivors one step through the network. Returns the rows that finished."""
         start, cpu_start = time.perf_counter(), time.thread_time()
         if join:
-            states = ([self._state] if self._rows else []) + [s.state for s in join]
-            self._state = _state_map(lambda *parts: torch.cat(parts, dim=1), *states)
-            self._logits = torch.cat(([self._logits] if self._rows else []) + [s.logits for s in join])
-            for s in join:
-                s.state = s.logits = None
+            states = ([self._state] if self._rows else []) + [s.context.state for s in join]
+            self._state = state_map(lambda *parts: torch.cat(parts, dim=1), *states)
+            self._logits = torch.cat(([self._logits] if self._rows else []) + [s.context.logits for s in join])
             self._rows = self._rows + join
             self._params = None
         rows = self._rows
@@ -328,12 +365,12 @@ class Decoder:
                             torch.tensor([max(r.sampling.top_p, 1e-6) for r in rows], device=self.device))
         uniforms = torch.tensor([r.next_uniform() for r in rows], device=self.device)
         ids = sample_next(self._logits, *self._params, uniforms=uniforms)
-        finished, keep = [], []
+        finished, keep, logprobs = [], [], self._logprobs(rows, ids)
         for i, (row, token) in enumerate(zip(rows, ids.tolist())):
             if row.cancelled:
                 row.finish_reason = "cancelled"
                 finished.append(row)
-            elif row._push(self.table[token]):
+            elif row._push(self.table[token], logprobs[i]):
                 finished.append(row)
             else:
                 keep.append(i)
@@ -343,50 +380,29 @@ class Decoder:
             if keep:
                 index = torch.tensor(keep, device=self.device)
                 ids = ids[index]
-                self._state = _state_map(lambda s: s.index_select(1, index), self._state)
+                self._state = state_map(lambda s: s.index_select(1, index), self._state)
         if keep:
-            self._logits, self._state = self._forward(ids, self._state)
+            self._logits, self._state = padded_step(self.model, ids, self._state, self.min_step_batch)
         else:
             self._state = self._logits = None
-        stats = self._stats
-        stats["steps"] += 1
-        stats["chars"] += len(rows)
-        stats["max_batch_seen"] = max(stats["max_batch_seen"], len(rows))
         self._last_step_s = time.perf_counter() - start
-        stats["step_seconds"] += self._last_step_s
-        stats["step_cpu_seconds"] += time.thread_time() - cpu_start
-        self._hist[len(rows)] = self._hist.get(len(rows), 0) + 1
-        self._window_max = max(self._window_max, len(rows))
+        self._stats.step(len(rows), self._last_step_s, time.thread_time() - cpu_start)
         return finished
 
-    def _forward(self, ids: torch.Tensor, state):
-        """One step of the network for `ids` [batch], padded to `min_step_batch` rows."""
-        batch = ids.shape[0]
-        pad = self.min_step_batch - batch
-        if pad > 0:
-            ids = torch.cat([ids, ids.new_zeros(pad)])
-            state = _state_map(lambda s: torch.cat([s, s.new_zeros(s.shape[0], pad, s.shape[2])], dim=1), state)
-        logits, state = self.model.step(ids, state)
-        if pad > 0:
-            state = _state_map(lambda s: s[:, :batch].contiguous(), state)
-        return logits[:batch], state
-
-    @staticmethod
-    @torch.inference_mode()
-    def measure_min_step_batch(model: CharRNN, max_batch: int) -> int:
-        """The smallest m such that one step of every batch of m..max_batch rows gives each row
-        exactly (bit for bit) what the full batch gives it, wherever the row sits."""
-        device = model.head.weight.device
-        g = torch.Generator().manual_seed(0)
-        cfg = model.config
-        x = torch.randint(cfg.vocab_size, (max_batch,), generator=g).to(device)
-        state = model.init_state(max_batch)
-        state = _state_map(lambda s: (torch.randn(s.shape, generator=g) * 0.5).to(s), state)
-        want_logits, want_state = model.step(x, state)
-        for m in range(max_batch - 1, 0, -1):
-            rows = slice(max_batch - m, max_batch)  # the tail: rows move forward as others leave
-            logits, got = model.step(x[rows], _state_map(lambda s: s[:, rows].contiguous(), state))
-            same = _state_map(lambda a, b: torch.equal(a, b[:, rows]), got, want_state)
-            if not (torch.equal(logits, want_logits[rows]) and all(same if isinstance(same, tuple) else [same])):
-                return m + 1
-        return 1
+    def _logprobs(self, rows: list[Sequence], ids: torch.Tensor) -> list:
+        """Per row, None, or for a row that asked for them (sampling.logprobs = k): the sampled
+        character's log-probability under the model (temperature 1, nothing cut) and the k likeliest
+        characters with theirs."""
+        asked = [i for i, row in enumerate(rows) if row.sampling.logprobs is not None]
+        out = [None] * len(rows)
+        if not asked:
+            return out
+        index = torch.tensor(asked, device=self.device)
+        logp = torch.log_softmax(self._logits.index_select(0, index).float(), dim=-1)
+        chosen = logp.gather(1, ids.index_select(0, index)[:, None])[:, 0].tolist()
+        top = max(rows[i].sampling.logprobs for i in asked)
+        values, indices = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
+        for j, (i, values_j, indices_j) in enumerate(zip(asked, values.tolist(), indices.tolist())):
+            k = rows[i].sampling.logprobs
+            out[i] = (chosen[j], [(self.table[t], v) for t, v in zip(indices_j[:k], values_j[:k])])
+        return out

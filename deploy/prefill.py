@@ -17,50 +17,83 @@ import time
 from collections import deque
 
 import torch
-import torch.nn.functional as F
+
+from deploy.state_cache import Context
 
 MIN_SLICE = 8  # characters: below this the per-call overhead dominates
 MAX_SLICE = 2048
 
 
 class PrimeJob:
-    """The prime shared by `seqs` (decoder Sequences): done when `logits` and `state` are set."""
+    """A prime shared by `seqs` (decoder Sequences) and `waiters` (futures for its final context), run
+    from `start` (the Context after ids[:pos]; None: the zero state at 0). The context is kept at
+    each of `points` (slices end there) in `contexts`, for the prefix cache; `key` is the prime's
+    cache key (None: not cached, a session's private text)."""
     kind = "prime"
 
-    def __init__(self, ids: list[int], seqs: list):
-        self.ids, self.seqs, self.pos = ids, seqs, 0
-        self.state = self.logits = self.error = None
+    def __init__(self, ids: list[int], seqs: list, start: Context | None = None, pos: int = 0, points=(),
+                 key: str | None = None, waiters: list | None = None):
+        self.ids, self.seqs, self.pos, self.size, self.key = ids, seqs, pos, len(ids) - pos, key
+        self.state, self.logits = (start.state, start.logits) if start else (None, None)
+        self.points = [p for p in points if p > pos]
+        self.contexts: list[tuple[int, Context]] = []
+        self.waiters = waiters or []
+        self.error = None
 
     @property
     def cancelled(self) -> bool:
-        return all(s.cancelled for s in self.seqs)
+        return all(s.cancelled for s in self.seqs) and all(f.done() for f in self.waiters)
 
     @property
     def done(self) -> bool:
         return self.pos >= len(self.ids)
 
+    @property
+    def context(self) -> Context:
+        return Context(self.state, self.logits)
+
+    def slice_end(self, pos: int) -> int:
+        """The furthest a slice from `pos` may go: the next point to keep a context at."""
+        return next((p for p in self.points if p > pos), len(self.ids))
+
     def advance(self, model, ids: torch.Tensor) -> None:
         logits, self.state = model(ids[None], self.state)
-        self.logits = logits[:, -1]
+        self.logits = logits[:, -1].clone()  # a view would hold the whole slice's logits
+        end = self.pos + len(ids)
+        if end in self.points:
+            self.contexts.append((end, self.context))
 
 
 class ScoreJob:
-    """The summed loss (nats) of predicting each of `ids` after the ones before it."""
+    """The summed loss (nats) of predicting each of `ids` after the ones before it; with `top` set
+    (0 to 5) also each character's log-probability, and the `top` likeliest (id, log-probability)."""
     kind = "score"
 
-    def __init__(self, ids: list[int], future):
-        self.ids, self.future, self.pos = ids, future, 0
+    def __init__(self, ids: list[int], future, top: int | None = None):
+        self.ids, self.future, self.pos, self.size, self.top = ids, future, 0, len(ids), top
         self.state, self.total, self.count, self.cancelled, self.error = None, 0.0, 0, False, None
+        self.logprobs: list[float] = []
+        self.alternatives: list[list[tuple[int, float]]] = []
 
     @property
     def done(self) -> bool:
         return self.pos >= len(self.ids) - 1
 
+    def slice_end(self, pos: int) -> int:
+        return len(self.ids) - 1
+
     def advance(self, model, ids: torch.Tensor) -> None:
         targets = torch.tensor(self.ids[self.pos + 1 : self.pos + 1 + len(ids)], device=ids.device)
         logits, self.state = model(ids[None], self.state)
-        self.total += F.cross_entropy(logits[0].float(), targets, reduction="sum").item()
+        logp = torch.log_softmax(logits[0].float(), dim=-1)
+        chosen = logp.gather(1, targets[:, None])[:, 0]
+        self.total -= chosen.sum().item()
         self.count += len(targets)
+        if self.top is not None:
+            self.logprobs += chosen.tolist()
+            if self.top:
+                values, indices = logp.topk(self.top, dim=-1)
+                self.alternatives += [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
 
 
 class Prefill:
@@ -78,11 +111,11 @@ class Prefill:
         return bool(self._primes or self._scores)
 
     def add(self, job) -> None:
-        self.chars += len(job.ids)
+        self.chars += job.size
         (self._primes if job.kind == "prime" else self._scores).append(job)
 
     def release(self, job) -> None:
-        self.chars -= len(job.ids)
+        self.chars -= job.size
 
     def drain(self) -> list:
         """Every job not handed back yet, removed (the decoder stopped)."""
@@ -105,7 +138,7 @@ class Prefill:
                 continue
             left = budget_s - (time.perf_counter() - start)
             size = int(min(MAX_SLICE, max(MIN_SLICE, left * self.rate)))
-            end = min(job.pos + size, len(job.ids) - (job.kind == "score"))
+            end = min(job.pos + size, job.slice_end(job.pos))
             t = time.perf_counter()
             queue.popleft()
             try:

@@ -27,7 +27,9 @@ class Sequence:
         self.last_emit = time.monotonic()
         self.finish_reason: str | None = None  # "length", "stop", "cancelled"
         self.cancelled = False
-        self.logits = self.state = None  # after the prime: the next character's logits, the state
+        self.context = None  # after the prime: deploy.state_cache.Context
+        # with sampling.logprobs set, per character: (its log-probability, [(alternative, log-probability)])
+        self.logprobs: list[tuple[float, list]] = []
         self._tail, self._tail_len = "", max(map(len, sampling.stop), default=0)
 
     @property
@@ -47,7 +49,7 @@ class Sequence:
         """The client went away: stop sampling for it at the next step."""
         self.cancelled = True
 
-    def _push(self, char: str) -> bool:
+    def _push(self, char: str, logprob: tuple[float, list] | None = None) -> bool:
         """Append one sampled character; True when the sequence is finished. The event loop may
         read `chars` meanwhile (_pending): a stop string's last character is never appended and
         its first ones, already in, lie in the held-back tail, so no reader sees any of them."""
@@ -56,8 +58,11 @@ class Sequence:
             ends = [len(stop) for stop in self.sampling.stop if self._tail.endswith(stop)]
             if ends:  # of stops ending here, the longest starts first: the text ends before it
                 del self.chars[len(self.chars) - (max(ends) - 1):]
+                del self.logprobs[len(self.chars):]
                 self.finish_reason = "stop"
                 return True
+        if logprob is not None:
+            self.logprobs.append(logprob)
         self.chars.append(char)
         if len(self.chars) >= self.sampling.max_chars:
             self.finish_reason = "length"

@@ -25,6 +25,7 @@ import yaml
 
 from conftest import REPO, alive, descendants, error_line, free_port, run_cli, write_story_corpus
 from deploy.decoder import Decoder, Sampling, Sequence
+from deploy.padded_step import padded_step
 from models import CharRNN, ModelConfig, load_model, save_model, score
 from pipeline.text.vocab import Vocabulary
 
@@ -109,9 +110,10 @@ def test_decoder_rows_are_bit_identical_alone_or_in_a_batch(cell):
         parts = lambda s: s if isinstance(s, tuple) else (s,)
         pick = lambda s, rows: tuple(p[:, rows] for p in s) if cell == "lstm" else s[:, rows]
         with torch.inference_mode():
-            crowd_logits, crowd_state = decoder._forward(ids, state)
+            crowd_logits, crowd_state = padded_step(model, ids, state, decoder.min_step_batch)
             for row in (0, 7, 19):
-                alone_logits, alone_state = decoder._forward(ids[row:row + 1], pick(state, slice(row, row + 1)))
+                alone_logits, alone_state = padded_step(model, ids[row:row + 1], pick(state, slice(row, row + 1)),
+                                                       decoder.min_step_batch)
                 assert torch.equal(alone_logits[0], crowd_logits[row])
                 assert all(torch.equal(a[:, 0], c) for a, c in zip(parts(alone_state), parts(pick(crowd_state, row))))
     finally:
@@ -210,20 +212,22 @@ def test_decoder_streams_the_first_character_at_once(run_dir):
 
 
 
-def test_decoder_survives_a_failing_step(run_dir):
+def test_decoder_survives_a_failing_step(run_dir, monkeypatch):
     """A bug in a step fails the sequences of that batch, frees their places and keeps decoding. A
     sequence that finished sampling in that very step still gets its text."""
+    import deploy.decoder
+
     model, _, vocab_json, _ = load_model(run_dir / "model")
     decoder = Decoder(model, list(Vocabulary.from_json(vocab_json).chars) + ["?"], max_batch=4)
-    forward, widths, failed = decoder._forward, [], []
+    widths, failed = [], []
 
-    def broken_once(ids, state):
+    def broken_once(model, ids, state, min_rows):
         widths.append(len(ids))
         if widths[-2:] == [2, 1] and not failed:  # the step in which the short sequence finished
             failed.append(True)
             raise RuntimeError("boom")
-        return forward(ids, state)
-    decoder._forward = broken_once
+        return padded_step(model, ids, state, min_rows)
+    monkeypatch.setattr(deploy.decoder, "padded_step", broken_once)
 
     async def go():
         short = decoder.submit([1, 2], Sampling(max_chars=30, seed=0))
@@ -271,13 +275,16 @@ def test_a_short_prime_is_not_kept_waiting_behind_long_scores(run_dir):
         results = asyncio.run(go())
         model, _, _, _ = load_model(run_dir / "model")
         total, count = score(model, text)
-        assert all(c == count and t == pytest.approx(total, rel=1e-4) for t, c in results)  # slicing keeps the sum
+        # slicing keeps the sum
+        assert all(r.count == count and r.total == pytest.approx(total, rel=1e-4) for r in results)
     finally:
         decoder.close()
 
 
 def test_n_sequences_share_one_prime_and_a_cancelled_prime_never_runs(run_dir):
-    decoder = _decoder(run_dir)
+    """n samples of one prime, and requests with the same prime in flight together, prime once and
+    fork the context; a fork samples what its own prime would. (Prefix cache off: every new prime runs.)"""
+    decoder = _decoder(run_dir, state_cache_bytes=0)
     prime = [1, 2, 3, 4, 5] * 40
 
     async def go():
@@ -285,19 +292,24 @@ def test_n_sequences_share_one_prime_and_a_cancelled_prime_never_runs(run_dir):
         forked = decoder.submit_group(prime, samplings)
         await asyncio.gather(*(s.done for s in forked))
         primed_once = decoder.stats()["prime_chars"]
-        alone = [decoder.submit(prime, s) for s in samplings]
-        await asyncio.gather(*(s.done for s in alone))
+        twins = [decoder.submit(prime, s) for s in samplings]  # three requests, one prime in flight
+        await asyncio.gather(*(s.done for s in twins))
+        primed_twice = decoder.stats()["prime_chars"]
+        alone = []
+        for s in samplings:  # one after another: each runs its prime
+            alone.append(decoder.submit(prime, s))
+            await alone[-1].done
         gone = decoder.submit(prime, Sampling(max_chars=40, seed=1))
         gone.cancel()  # the client left before the decoder took the prime up
         await gone.done
-        return forked, alone, primed_once, gone
+        return forked, twins, alone, primed_once, primed_twice, gone
 
     try:
-        forked, alone, primed_once, gone = asyncio.run(go())
-        assert primed_once == len(prime)
-        assert [s.text for s in forked] == [s.text for s in alone]  # a fork samples what its own prime would
+        forked, twins, alone, primed_once, primed_twice, gone = asyncio.run(go())
+        assert primed_once == len(prime) and primed_twice == 2 * len(prime)
+        assert [s.text for s in forked] == [s.text for s in twins] == [s.text for s in alone]
         assert gone.finish_reason == "cancelled" and gone.text == ""
-        assert decoder.stats()["prime_chars"] == 4 * len(prime)  # the cancelled prime never ran
+        assert decoder.stats()["prime_chars"] == 5 * len(prime)  # the cancelled prime never ran
     finally:
         decoder.close()
 
