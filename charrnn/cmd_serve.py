@@ -20,7 +20,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve a trained model over HTTP with Ray Serve (OpenAI-compatible completions too)",
         description="Serve a model folder over HTTP until Ctrl-C: POST /v1/generate, /v1/completions (OpenAI), "
-                    "/v1/score; GET /v1/models, /healthz, /v1/stats. Concurrent requests are decoded together, "
+                    "/v1/score, /v1/sessions; GET /v1/models, /healthz, /v1/stats. "
+                    "Concurrent requests are decoded together, "
                     "one batched step for all of them (continuous batching). A time-series model folder gets "
                     "POST /v1/forecast, GET /v1/models, /healthz instead, concurrent requests forecast together. "
                     "docs/contracts.md, sections 3 and 4.4, define the API.")
@@ -64,6 +65,16 @@ def add_commands(sub) -> None:
     limits.add_argument("--max-queued-chars", type=int, default=d.max_queued_chars,
                         help=f"characters of primes and scores waiting for the network per replica; beyond, 429 "
                              f"(default {d.max_queued_chars})")
+    state = p.add_argument_group("state: the prefix cache and sessions")
+    state.add_argument("--state-cache-mb", type=int, default=d.state_cache_mb,
+                       help=f"per replica, MiB of model states kept after the primes it ran, so a prime that begins "
+                            f"with one runs only the rest (default {d.state_cache_mb}; 0: off)")
+    state.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                       help=f"sessions the server keeps; beyond, 429 (default {d.max_sessions})")
+    state.add_argument("--max-session-mb", type=int, default=d.max_session_mb,
+                       help=f"MiB of session states the server keeps; beyond, 429 (default {d.max_session_mb})")
+    state.add_argument("--session-ttl-s", type=int, default=d.session_ttl_s,
+                       help=f"seconds a session may sit unused before it is dropped (default {d.session_ttl_s})")
     add_address_option(p)
     p.set_defaults(handler=_run_serve)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +21,11 @@ MAX_TEMPERATURE = 100.0  # already next to uniform; float32 must hold 1 / temper
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_STOP_CHARS = 64
+MAX_LOGPROBS = 5  # alternatives per character, as OpenAI's legacy completions
+SESSION_APPEND = ("all", "input", "none")  # what a request adds to its session: see SessionUse
+MAX_SESSION_ID = 64
 # OpenAI completion parameters this server accepts only at their "off" value.
-OPENAI_OFF = {"suffix": (None, ""), "logprobs": (None, 0), "presence_penalty": (None, 0),
+OPENAI_OFF = {"suffix": (None, ""), "presence_penalty": (None, 0),
               "frequency_penalty": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1)}
 
 
@@ -102,9 +106,9 @@ def _required_text(f: _Fields, name: str, limit: int) -> str:
     return _check_text(name, f.get(name, "string", nullable=False), limit)
 
 
-def _check_text(name: str, text: str, limit: int) -> str:
+def _check_text(name: str, text: str, limit: int, empty_ok: bool = False) -> str:
     text = clean_text(text)
-    _range(len(text) > 0, name, "must not be empty")
+    _range(empty_ok or len(text) > 0, name, "must not be empty")
     _range(len(text) <= limit, name, f"is {len(text)} characters long; the limit is {limit}")
     return text
 
@@ -136,20 +140,65 @@ def _sampling(f: _Fields, limits: Limits, length_name: str, length_default: int,
 
 
 @dataclass(frozen=True)
+class SessionUse:
+    """A request that continues session `id`: it reads its prime or prompt from the session's state,
+    then the session holds what `append` says: "all" (the prime or prompt and the generated text),
+    "input" (the prime or prompt only) or "none" (unchanged: a branch that leaves no trace)."""
+    id: str
+    append: str
+
+
+def parse_session_id(value) -> str:
+    if not isinstance(value, str):
+        raise APIError(400, f"'session' must be a string, got {_json_type(value)}", "session")
+    _range(0 < len(value) <= MAX_SESSION_ID, "session", f"must be 1 to {MAX_SESSION_ID} characters long")
+    return value
+
+
+def _session_use(f: _Fields) -> SessionUse | None:
+    session = f.get("session", "string")
+    append = f.get("session_append", "string", "all")
+    _range(append in SESSION_APPEND, "session_append", f"must be one of {', '.join(SESSION_APPEND)}, got {append!r}")
+    if session is None:
+        _range("session_append" not in f.body or f.body["session_append"] is None, "session_append",
+               "needs a 'session'")
+        return None
+    return SessionUse(parse_session_id(session), append)
+
+
+def _input_text(f: _Fields, name: str, limit: int, session: SessionUse | None) -> str:
+    """A prime or prompt: required, unless the request continues a session (then it may be empty)."""
+    if session is None:
+        return _required_text(f, name, limit)
+    return _check_text(name, f.get(name, "string", ""), limit, empty_ok=True)
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     prime: str
     sampling: Sampling
     stream: bool
+    session: SessionUse | None = None
 
 
 def parse_generate(body: dict, limits: Limits) -> GenerateRequest:
-    """POST /v1/generate {prime, max_chars, temperature, top_k, top_p, seed, stop, stream}."""
+    """POST /v1/generate {prime, max_chars, temperature, top_k, top_p, seed, stop, stream, session,
+    session_append}."""
     f = _Fields(body)
-    prime = _required_text(f, "prime", limits.max_prime_chars)
+    session = _session_use(f)
+    prime = _input_text(f, "prime", limits.max_prime_chars, session)
     sampling = _sampling(f, limits, "max_chars", 200, greedy_ok=False)
     stream = f.get("stream", "boolean", False)
     f.check_unknown()
-    return GenerateRequest(prime, sampling, stream)
+    return GenerateRequest(prime, sampling, stream, session)
+
+
+def parse_session(body: dict, limits: Limits) -> str:
+    """POST /v1/sessions {prime}: the text a new session starts from."""
+    f = _Fields(body)
+    prime = _required_text(f, "prime", limits.max_prime_chars)
+    f.check_unknown()
+    return prime
 
 
 @dataclass(frozen=True)
@@ -160,6 +209,8 @@ class CompletionRequest:
     stream: bool
     echo: bool
     include_usage: bool
+    logprobs: int | None = None
+    session: SessionUse | None = None
 
 
 def parse_completion(body: dict, limits: Limits, model_name: str) -> CompletionRequest:
@@ -168,6 +219,7 @@ def parse_completion(body: dict, limits: Limits, model_name: str) -> CompletionR
     model = f.get("model", "string")
     if model is not None and model != model_name:
         raise APIError(404, f"the model '{model}' does not exist; this server has '{model_name}'", "model")
+    session = _session_use(f)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         f.read.add("prompt")
@@ -179,7 +231,7 @@ def parse_completion(body: dict, limits: Limits, model_name: str) -> CompletionR
         raise APIError(422 if not prompt else 400, "'prompt' must be a string or a non-empty array of strings",
                        "prompt")
     else:
-        prompts = [_required_text(f, "prompt", limits.max_prime_chars)]
+        prompts = [_input_text(f, "prompt", limits.max_prime_chars, session)]
     n = f.get("n", "integer", 1)
     _range(1 <= n <= limits.max_n, "n", f"must be in [1, {limits.max_n}], got {n}")
     _range(n * len(prompts) <= limits.max_n, "n",
@@ -192,20 +244,37 @@ def parse_completion(body: dict, limits: Limits, model_name: str) -> CompletionR
     if not isinstance(include_usage, bool):
         raise APIError(400, "'stream_options.include_usage' must be a boolean", "stream_options")
     f.get("user", "string")
+    logprobs = f.get("logprobs", "integer")
+    _range(logprobs is None or 0 <= logprobs <= MAX_LOGPROBS, "logprobs",
+           f"must be in [0, {MAX_LOGPROBS}] or null, got {logprobs}")
     for name, off in OPENAI_OFF.items():
         f.read.add(name)
         _range(body.get(name) in off, name, f"is not supported by this server (only {off[-1]!r} or null)")
     f.check_unknown()
-    return CompletionRequest(prompts, n, sampling, stream, echo, include_usage)
+    if session is not None:
+        _range(len(prompts) == 1, "prompt", "must be one string when the request continues a session")
+        _range(n == 1 or session.append != "all", "n",
+               "must be 1 when the generated text joins the session (session_append 'all')")
+        _range(not (echo and logprobs is not None), "echo",
+               "with logprobs scores the prompt from the start: it cannot continue a session")
+    sampling = dataclasses.replace(sampling, logprobs=logprobs)
+    return CompletionRequest(prompts, n, sampling, stream, echo, include_usage, logprobs, session)
 
 
-def parse_score(body: dict, limits: Limits) -> str:
-    """POST /v1/score {text}: at least two characters (the first is only context)."""
+@dataclass(frozen=True)
+class ScoreRequest:
+    text: str
+    per_char: bool  # also each character's surprisal
+
+
+def parse_score(body: dict, limits: Limits) -> ScoreRequest:
+    """POST /v1/score {text, per_char}: at least two characters (the first is only context)."""
     f = _Fields(body)
     text = _required_text(f, "text", limits.max_score_chars)
     _range(len(text) >= 2, "text", "must hold at least two characters: each is predicted from the ones before")
+    per_char = f.get("per_char", "boolean", False)
     f.check_unknown()
-    return text
+    return ScoreRequest(text, per_char)
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,18 @@ import uuid
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from ray import serve
 
 from deploy import series_app, source
-from deploy.api import APIError, parse_completion, parse_generate, parse_score
+from deploy.api import APIError, parse_completion, parse_generate, parse_score, parse_session, parse_session_id
 from deploy.decoder import Decoder, DecoderStopped
 from deploy.ingress import (authorize, builder_arguments, deployment_options, error_response, install_error_handlers,
-                            model_list, overloaded, read_json, set_up_replica)
+                            media_type, model_list, overloaded, read_body, read_json, set_up_replica)
 from deploy.limits import RETRY_AFTER_S, Limits
+from deploy.logprobs import merge, openai_logprobs, scored_entries
+from deploy.sessions import SessionStore
+from deploy.state_format import StateError, decode_state, encode_state, model_fingerprint
 from models.generate import bits_per_char
 from storage import public_location
 from pipeline.text.vocab import UNKNOWN_CHAR
@@ -65,18 +68,37 @@ def _openai_reason(seq) -> str:
     return "stop" if seq.finish_reason == "stop" else "length"
 
 
+def _stored(answer: dict) -> dict:
+    """A SessionStore answer, or its error raised as the API's."""
+    if "error" in answer:
+        status, message = answer["error"]
+        raise APIError(status, message, "session",
+                       headers={"Retry-After": str(RETRY_AFTER_S)} if status in (409, 429) else None)
+    return answer
+
+
+@dataclasses.dataclass
+class _Lease:
+    """A session a request holds: what it continues from, and how far."""
+    use: object  # deploy.api.SessionUse
+    context: object  # deploy.state_cache.Context
+    length: int
+    lease: str
+
+
 # Serve pickles the class when it is decorated: everything it uses must be defined above it.
 @serve.deployment(max_constructor_retry_count=3)
 @serve.ingress(api)
 class CharRNNServer:
-    def __init__(self, folder: str, name: str, limits: Limits, device: str = "cpu", threads: int | None = None,
-                 decoder: dict | None = None, api_key_sha256: str | None = None):
+    def __init__(self, folder: str, name: str, limits: Limits, sessions, device: str = "cpu",
+                 threads: int | None = None, decoder: dict | None = None, api_key_sha256: str | None = None):
         set_up_replica(device, threads)
         self.model, self.vocab, _ = source.load(folder, device)
         self.name, self.limits, self.created = name, limits, int(time.time())
-        self.api_key_sha256 = api_key_sha256
+        self.api_key_sha256, self.sessions = api_key_sha256, sessions  # sessions: SessionStore's handle
+        self.fingerprint = model_fingerprint(self.model)
         self.decoder = Decoder(self.model, self.vocab.chars + [UNKNOWN_CHAR], max_batch=limits.max_concurrent,
-                               **(decoder or {}))
+                               **{"state_cache_bytes": limits.state_cache_mb << 20, **(decoder or {})})
         cfg = self.model.config
         logger.info("charrnn: serving %s from %s (%s %dx%d, vocab %d) on %s, %d torch threads, min step batch %d",
                     name, public_location(folder), cfg.cell, cfg.layers, cfg.hidden, cfg.vocab_size, device,
@@ -104,16 +126,49 @@ class CharRNNServer:
             raise overloaded(f"{self.decoder.queued_chars} characters are waiting to be primed or scored",
                              self.limits.max_queued_chars)
 
-    def _submit(self, prompts: list[str], n: int, sampling, sink=None) -> list:
-        """n sequences per prompt, choice j seeded seed + j, the prompt primed once for all n; the
-        prompt's characters outside the vocabulary read as the unknown id."""
+    def _submit(self, prompts: list[str], n: int, sampling, sink=None, lease: _Lease | None = None) -> list:
+        """n sequences per prompt, choice j seeded seed + j, the prompt primed once for all n (from
+        the session's context with a lease); characters outside the vocabulary read as the unknown id."""
         self._admit(len(prompts) * n, sum(map(len, prompts)))
         seqs = []
         for prompt in prompts:
             samplings = [sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + j)
                          for j in range(n)]
-            seqs += self.decoder.submit_group(self.vocab.encode(prompt).tolist(), samplings, sink, len(seqs))
+            seqs += self.decoder.submit_group(self._ids(prompt), samplings, sink, len(seqs),
+                                              lease.context if lease else None)
         return seqs
+
+    def _ids(self, text: str) -> list[int]:
+        return self.vocab.encode(text).tolist()
+
+    # -- sessions: taken for a request, then given back with the new state (or unchanged) ---------------
+
+    async def _take(self, use) -> _Lease | None:
+        if use is None:
+            return None
+        got = _stored(await self.sessions.take.remote(use.id, self.fingerprint))
+        context, length = decode_state(got["state"], self.model, self.fingerprint)
+        return _Lease(use, context, length, got["lease"])
+
+    async def _give_back(self, lease: _Lease | None, prime: str, seq=None) -> dict | None:
+        """End the lease. With `seq` (the request finished), the session then holds what its
+        `session_append` says; without, it stays as it was (the request failed or its client left)."""
+        if lease is None:
+            return None
+        state, length = None, lease.length
+        if seq is not None and lease.use.append != "none":
+            context = seq.context or await self.decoder.context(self._ids(prime), lease.context)
+            length += len(prime)
+            if lease.use.append == "all" and seq.text:
+                context = await self.decoder.context(self._ids(seq.text), context)
+                length += len(seq.text)
+            state = encode_state(context, self.model, self.fingerprint, length)
+        return _stored(await self.sessions.put.remote(lease.use.id, lease.lease, state, length))
+
+    def _release(self, lease: _Lease | None) -> None:
+        """Give the session back unchanged, even from a request being cancelled."""
+        if lease is not None:
+            asyncio.ensure_future(self.sessions.put.remote(lease.use.id, lease.lease, None, lease.length))
 
     @staticmethod
     async def _wait(seqs: list) -> None:
@@ -166,57 +221,122 @@ class CharRNNServer:
     @api.post("/v1/generate")
     async def generate(self, request: Request):
         req = parse_generate(await self._json(request), self.limits)
-        if req.stream:
-            sink = asyncio.Queue()
-            seqs = self._submit([req.prime], 1, req.sampling, sink)
-            return StreamingResponse(self._generate_stream(seqs, sink), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        [seq] = self._submit([req.prime], 1, req.sampling)
-        await self._wait([seq])
-        return {"text": seq.text, "chars": len(seq.chars), "finish_reason": seq.finish_reason, "seed": seq.seed,
-                "model": self.name}
-
-    async def _generate_stream(self, seqs, sink):
+        lease = await self._take(req.session)
         try:
-            async with contextlib.aclosing(self._events(seqs, sink)) as events:
+            sink = asyncio.Queue() if req.stream else None
+            [seq] = self._submit([req.prime], 1, req.sampling, sink, lease)
+        except BaseException:
+            self._release(lease)
+            raise
+        if req.stream:
+            return StreamingResponse(self._generate_stream(seq, sink, lease, req.prime),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            await self._wait([seq])
+            session = await self._give_back(lease, req.prime, seq)
+        except BaseException:
+            self._release(lease)
+            raise
+        return {"text": seq.text, "chars": len(seq.chars), "finish_reason": seq.finish_reason, "seed": seq.seed,
+                "model": self.name, **({"session": session} if session else {})}
+
+    async def _generate_stream(self, seq, sink, lease, prime):
+        try:
+            async with contextlib.aclosing(self._events([seq], sink)) as events:
                 async for seq, text in events:
-                    yield _sse({"text": text} if text is not None else
-                               {"text": "", "finish_reason": seq.finish_reason, "chars": len(seq.chars),
-                                "seed": seq.seed})
+                    if text is not None:
+                        yield _sse({"text": text})
+            session = await self._give_back(lease, prime, seq)
+            lease = None
+            yield _sse({"text": "", "finish_reason": seq.finish_reason, "chars": len(seq.chars), "seed": seq.seed,
+                        **({"session": session} if session else {})})
         except Exception as err:  # the status line is gone: say it in the stream
             yield _sse(_stream_error(err))
+        finally:
+            self._release(lease)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         req = parse_completion(await self._json(request), self.limits, self.name)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name}
+        lease = await self._take(req.session)
+        try:
+            sink = asyncio.Queue() if req.stream else None
+            seqs = self._submit(req.prompts, req.n, req.sampling, sink, lease)
+            echoed = self._echoed(req)
+        except BaseException:
+            self._release(lease)
+            raise
         if req.stream:
-            sink = asyncio.Queue()
-            seqs = self._submit(req.prompts, req.n, req.sampling, sink)
-            return StreamingResponse(self._completion_stream(req, head, seqs, sink), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        seqs = self._submit(req.prompts, req.n, req.sampling)
-        await self._wait(seqs)
+            return StreamingResponse(self._completion_stream(req, head, seqs, sink, echoed, lease),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            await self._wait(seqs)
+            echoed = [await e for e in echoed]
+            session = await self._give_back(lease, req.prompts[0], seqs[0])
+        except BaseException:
+            self._release(lease)
+            raise
         choices = [{"text": (req.prompts[s.index // req.n] if req.echo else "") + s.text, "index": s.index,
-                    "logprobs": None, "finish_reason": _openai_reason(s)} for s in seqs]
-        return {**head, "choices": choices, "usage": self._usage(req, seqs)}
+                    "logprobs": self._choice_logprobs(req, s, echoed), "finish_reason": _openai_reason(s)}
+                   for s in seqs]
+        return {**head, "choices": choices, "usage": self._usage(req, seqs),
+                **({"session": session} if session else {})}
 
-    async def _completion_stream(self, req, head, seqs, sink):
-        def chunk(seq, text, reason=None):
-            return _sse({**head, "choices": [{"text": text, "index": seq.index, "logprobs": None,
+    def _echoed(self, req) -> list:
+        """With echo and logprobs: per prompt, a task scoring it (its characters' log-probabilities)."""
+        if not (req.echo and req.logprobs is not None):
+            return []
+        return [asyncio.ensure_future(self._prompt_logprobs(prompt, req.logprobs)) for prompt in req.prompts]
+
+    async def _prompt_logprobs(self, prompt: str, top: int) -> dict:
+        ids = self._ids(prompt)
+        entries = scored_entries(await self.decoder.score(ids, top), self.decoder.table) if len(ids) > 1 \
+            else [(None, None)]
+        return openai_logprobs(list(prompt), entries)
+
+    @staticmethod
+    def _choice_logprobs(req, seq, echoed: list, start: int = 0, end: int | None = None) -> dict | None:
+        """Choice `seq`'s logprobs object for its generated characters [start:end] (streamed chunks),
+        after the prompt's when echoed (the whole text) or with the prompt's offset."""
+        if req.logprobs is None:
+            return None
+        prompt = req.prompts[seq.index // req.n]
+        end = len(seq.logprobs) if end is None else end
+        offset = (len(prompt) if req.echo else 0) + start
+        made = openai_logprobs(seq.chars[start:end], seq.logprobs[start:end], offset)
+        return merge(echoed[seq.index // req.n], made) if echoed and start == 0 and end == len(seq.logprobs) \
+            else made
+
+    async def _completion_stream(self, req, head, seqs, sink, echoed, lease):
+        def chunk(seq, text, reason=None, logprobs=None):
+            return _sse({**head, "choices": [{"text": text, "index": seq.index, "logprobs": logprobs,
                                               "finish_reason": reason}]})
+        sent = [0] * len(seqs)  # characters streamed per choice
         try:
             if req.echo:
                 for s in seqs:
-                    yield chunk(s, req.prompts[s.index // req.n])
+                    prompt_logprobs = await echoed[s.index // req.n] if echoed else None
+                    yield chunk(s, req.prompts[s.index // req.n], logprobs=prompt_logprobs)
             async with contextlib.aclosing(self._events(seqs, sink)) as events:
                 async for seq, text in events:
-                    yield chunk(seq, text) if text is not None else chunk(seq, "", _openai_reason(seq))
-            if req.include_usage:
-                yield _sse({**head, "choices": [], "usage": self._usage(req, seqs)})
+                    if text is None:
+                        yield chunk(seq, "", _openai_reason(seq))
+                        continue
+                    start, sent[seq.index] = sent[seq.index], sent[seq.index] + len(text)
+                    logprobs = self._choice_logprobs(req, seq, [], start, sent[seq.index]) if req.logprobs \
+                        is not None else None
+                    yield chunk(seq, text, logprobs=logprobs)
+            session = await self._give_back(lease, req.prompts[0], seqs[0])
+            lease = None
+            if req.include_usage or session:
+                yield _sse({**head, "choices": [], **({"usage": self._usage(req, seqs)} if req.include_usage else {}),
+                            **({"session": session} if session else {})})
         except Exception as err:
             yield _sse(_stream_error(err))
+        finally:
+            self._release(lease)
         yield _sse("[DONE]")
 
     @staticmethod
@@ -227,11 +347,53 @@ class CharRNNServer:
 
     @api.post("/v1/score")
     async def score(self, request: Request):
-        text = parse_score(await self._json(request), self.limits)
-        self._admit(1, len(text))
-        total, count = await self.decoder.score(self.vocab.encode(text).tolist())
-        return {"loss": total / count, "bits_per_char": bits_per_char(total / count), "chars": count,
-                "model": self.name}
+        req = parse_score(await self._json(request), self.limits)
+        self._admit(1, len(req.text))
+        scored = await self.decoder.score(self._ids(req.text), 0 if req.per_char else None)
+        loss = scored.total / scored.count
+        answer = {"loss": loss, "bits_per_char": bits_per_char(loss), "chars": scored.count, "model": self.name}
+        if req.per_char:  # surprisal in nats: -log p(character | the ones before it)
+            answer |= {"tokens": list(req.text), "surprisal": [None] + [-lp for lp in scored.logprobs]}
+        return answer
+
+    # -- sessions ------------------------------------------------------------------------------------
+
+    @api.post("/v1/sessions")
+    async def create_session(self, request: Request):
+        """{prime} as JSON: a session after that text; or a state exported by GET .../state, sent as
+        application/octet-stream: the same session on this server."""
+        authorize(request, self.api_key_sha256)
+        if media_type(request) == "application/octet-stream":
+            try:
+                context, length = decode_state(await read_body(request, self.limits.max_body_bytes,
+                                                               "application/octet-stream"), self.model,
+                                               self.fingerprint)
+            except StateError as err:
+                raise APIError(err.status, str(err)) from None
+        else:
+            prime = parse_session(await read_json(request, self.limits.max_body_bytes), self.limits)
+            self._admit(1, len(prime))
+            context, length = await self.decoder.context(self._ids(prime)), len(prime)
+        state = encode_state(context, self.model, self.fingerprint, length)
+        return {**_stored(await self.sessions.create.remote(self.fingerprint, state, length)), "model": self.name}
+
+    @api.get("/v1/sessions/{session}")
+    async def session_info(self, session: str, request: Request):
+        authorize(request, self.api_key_sha256)
+        sid = parse_session_id(session)
+        return {**_stored(await self.sessions.info.remote(sid, self.fingerprint)), "model": self.name}
+
+    @api.delete("/v1/sessions/{session}")
+    async def delete_session(self, session: str, request: Request):
+        authorize(request, self.api_key_sha256)
+        return _stored(await self.sessions.delete.remote(parse_session_id(session), self.fingerprint))
+
+    @api.get("/v1/sessions/{session}/state")
+    async def export_session(self, session: str, request: Request):
+        authorize(request, self.api_key_sha256)
+        got = _stored(await self.sessions.export.remote(parse_session_id(session), self.fingerprint))
+        return Response(got["state"], media_type="application/octet-stream",
+                        headers={"Content-Disposition": 'attachment; filename="state.safetensors"'})
 
 
 def build_app(model: str, *, name: str | None = None, replicas: int = 1, autoscale: tuple[int, int] | None = None,
@@ -246,7 +408,8 @@ def build_app(model: str, *, name: str | None = None, replicas: int = 1, autosca
     folder = source.resolve(model)
     limits = limits if isinstance(limits, Limits) else Limits(**(limits or {}))
     options = deployment_options(limits, replicas, autoscale, target_ongoing, gpu, num_cpus)
-    return CharRNNServer.options(**options).bind(folder, name or source.default_name(folder), limits,
+    sessions = SessionStore.bind(limits.max_sessions, limits.session_ttl_s, limits.max_session_mb << 20)
+    return CharRNNServer.options(**options).bind(folder, name or source.default_name(folder), limits, sessions,
                                                  "cuda" if gpu else "cpu", threads or max(1, int(num_cpus)), decoder,
                                                  api_key_sha256)
 

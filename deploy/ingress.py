@@ -81,15 +81,22 @@ def authorize(request: Request, key_digest: str | None) -> None:
                        headers={"WWW-Authenticate": "Bearer"})
 
 
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
 async def read_json(request: Request, limit: int) -> dict:
     """The body as a JSON object. Only `Content-Type: application/json` (415 otherwise): a web page
-    can send a text/plain or form body to a local server without asking, never a JSON one. Refused
-    (413) as soon as it is known to be over `limit` bytes: from Content-Length when there is one,
-    else while it streams in."""
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise APIError(415, f"the request body must be JSON sent as Content-Type: application/json, "
-                            f"got {media_type or 'no Content-Type'}")
+    can send a text/plain or form body to a local server without asking, never a JSON one."""
+    return parse_body(await read_body(request, limit, "application/json"))
+
+
+async def read_body(request: Request, limit: int, wanted: str) -> bytes:
+    """The body, sent as `wanted` (415 otherwise). Refused (413) as soon as it is known to be over
+    `limit` bytes: from Content-Length when there is one, else while it streams in."""
+    if media_type(request) != wanted:
+        raise APIError(415, f"the request body must be sent as Content-Type: {wanted}, "
+                            f"got {media_type(request) or 'no Content-Type'}")
     too_large = APIError(413, f"the request body is larger than the limit of {limit} bytes")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
@@ -100,7 +107,7 @@ async def read_json(request: Request, limit: int) -> dict:
         if size > limit:
             raise too_large
         chunks.append(chunk)
-    return parse_body(b"".join(chunks))
+    return b"".join(chunks)
 
 
 def overloaded(what: str, capacity: int) -> APIError:

@@ -26,9 +26,13 @@ class Limits:
     max_concurrent: int = 64  # sequences decoded together per replica (the batch)
     max_queued: int = 256  # sequences waiting for a place in the batch per replica; beyond: 429
     max_queued_chars: int = 1 << 20  # characters of primes and scores waiting for the network; beyond: 429
+    state_cache_mb: int = 64  # the prefix-state cache per replica, MiB (0: off)
+    max_sessions: int = 10000  # sessions per server; beyond: 429
+    max_session_mb: int = 128  # the sessions' states per server, MiB; beyond: 429
+    session_ttl_s: int = 3600  # a session idle this long is dropped
 
     def __post_init__(self):
-        _check(self, zero_ok=("max_queued", "max_chars"))
+        _check(self, zero_ok=("max_queued", "max_chars", "state_cache_mb"))
         if self.max_n > self.max_concurrent:
             raise ValueError(f"limit max_n ({self.max_n}) must not exceed max_concurrent ({self.max_concurrent})")
         if self.max_queued_chars < max(self.max_prime_chars * self.max_n, self.max_score_chars):

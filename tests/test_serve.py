@@ -3,6 +3,7 @@ OpenAI client against it, the Python client and the `charrnn serve` / `charrnn q
 
 The model is a tiny LSTM trained here in a plain loop for a few seconds (no Ray Train)."""
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -13,29 +14,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 import torch
-import torch.nn.functional as F
 import yaml
 
-from conftest import REPO, alive, descendants, error_line, free_port, run_cli, write_story_corpus
+from conftest import REPO, alive, descendants, error_line, free_port, run_cli
 from deploy.decoder import Decoder, Sampling, Sequence
+from deploy.limits import Limits
 from deploy.padded_step import padded_step
-from models import CharRNN, ModelConfig, load_model, save_model, score
+from models import CharRNN, ModelConfig, load_model, score
 from pipeline.text.vocab import Vocabulary
+from serving import DECODER, LIMITS, PRIME, post, sse, train_story_model
 
 pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
-
-LIMITS = dict(max_prime_chars=300, max_chars=400, max_n=4, max_score_chars=2000, max_body_bytes=8192,
-              max_concurrent=48, max_queued=64, max_queued_chars=4000)
-DECODER = dict(flush_chars=8, log_interval_s=0.2)  # small chunks and frequent log lines, for the tests
-PRIME = "The cat "
-
 
 def outside_ip() -> str | None:
     """An address of this machine that is not loopback, if it has one."""
@@ -58,32 +53,7 @@ def refuses(ip: str, port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """RUN_DIR/model: a 2x48 LSTM that has learned the story grammar (about 100 Adam steps)."""
-    tmp = tmp_path_factory.mktemp("serve")
-    text = write_story_corpus(tmp / "story.txt", 30_000)
-    vocab = Vocabulary.from_counts(Counter(map(ord, text)))
-    ids = torch.from_numpy(vocab.encode(text).astype("int64"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on a busy 2-core machine are far slower than one
-    try:
-        torch.manual_seed(0)
-        config = ModelConfig(vocab_size=vocab.size, layers=2, hidden=48, dropout=0.0)
-        model = CharRNN(config)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(100):
-            starts = torch.randint(len(ids) - 49, (32,), generator=g)
-            batch = torch.stack([ids[s : s + 49] for s in starts])
-            logits, _ = model(batch[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, vocab.size), batch[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    assert loss.item() < 1.0, loss.item()
-    save_model(model, config, vocab.to_json(), tmp / "run" / "model", info={"step": 100})
-    return tmp / "run"
+    return train_story_model(tmp_path_factory.mktemp("serve"))
 
 
 # -- the decoder alone (no Ray) --------------------------------------------------------------------
@@ -369,25 +339,6 @@ def server(ray_local, run_dir):
         serve.shutdown()
 
 
-def post(url, path, body, headers=None, **kw) -> requests.Response:
-    """`body` (an object, or raw JSON text) sent as a JSON client sends it."""
-    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    headers = {"Content-Type": "application/json", **(headers or {})}
-    return requests.post(url + path, data=data, headers=headers, timeout=120, **kw)
-
-
-def sse(response: requests.Response) -> list:
-    """Every `data:` event of a Server-Sent Events body, JSON-decoded ([DONE] as the string)."""
-    assert response.headers["content-type"].startswith("text/event-stream")
-    events = []
-    for block in response.text.split("\n\n"):
-        if block.strip():
-            assert block.startswith("data: "), block
-            data = block[len("data: "):]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
-
-
 def test_serves_on_loopback_only(server):
     port = int(server.rsplit(":", 1)[1])
     assert requests.get(server + "/healthz", timeout=30).status_code == 200
@@ -403,7 +354,8 @@ def test_health_models_and_stats(server):
     assert models["object"] == "list"
     assert [(m["id"], m["object"], m["owned_by"]) for m in models["data"]] == [("run", "model", "charrnn")]
     stats = requests.get(server + "/v1/stats", timeout=30).json()
-    assert stats["limits"] == LIMITS and stats["network"]["hidden"] == 48 and stats["decoder"]["max_batch"] == 48
+    assert stats["limits"] == {**dataclasses.asdict(Limits()), **LIMITS}
+    assert stats["network"]["hidden"] == 48 and stats["decoder"]["max_batch"] == 48
 
 
 def test_generate_and_same_seed(server):
@@ -552,7 +504,8 @@ BAD = [  # (path, body, status, param, words in the message)
     ("/v1/completions", '{"prompt": "The", "max_tokens": 401}', 422, "max_tokens", "[0, 400]"),
     ("/v1/completions", '{"prompt": "The", "temperature": -0.5}', 422, "temperature", "0 <= temperature"),
     ("/v1/completions", '{"prompt": [1, 2, 3]}', 422, "prompt", "token ids"),
-    ("/v1/completions", '{"prompt": "The", "logprobs": 5}', 422, "logprobs", "not supported"),
+    ("/v1/completions", '{"prompt": "The", "logprobs": 6}', 422, "logprobs", "[0, 5]"),
+    ("/v1/completions", '{"prompt": "The", "best_of": 2}', 422, "best_of", "not supported"),
     ("/v1/completions", '{"prompt": "The", "model": "other"}', 404, "model", "does not exist"),
     ("/v1/completions", '{"prompt": 5}', 400, "prompt", "must be a string"),
     ("/v1/score", '{"text": "a"}', 422, "text", "at least two"),
@@ -655,7 +608,6 @@ def test_deployment_options_and_config_file(run_dir):
     from ray.serve.schema import ServeDeploySchema
 
     from deploy.app import app_builder, deployment_options
-    from deploy.limits import Limits
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text()))
     assert config.http_options.host == "127.0.0.1"
