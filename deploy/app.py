@@ -29,9 +29,9 @@ from deploy.decoder import Decoder, DecoderStopped
 from deploy.ingress import (authorize, builder_arguments, deployment_options, error_response, install_error_handlers,
                             media_type, model_list, overloaded, read_body, read_json, set_up_replica)
 from deploy.limits import RETRY_AFTER_S, Limits
-from deploy.logprobs import merge, openai_logprobs, scored_entries
+from deploy.logprobs import choice_logprobs, prompt_logprobs
+from deploy.session_leases import Lease, Sessions
 from deploy.sessions import SessionStore
-from deploy.state_format import StateError, decode_state, encode_state, model_fingerprint
 from models.generate import bits_per_char
 from storage import public_location
 from pipeline.text.vocab import UNKNOWN_CHAR
@@ -68,24 +68,6 @@ def _openai_reason(seq) -> str:
     return "stop" if seq.finish_reason == "stop" else "length"
 
 
-def _stored(answer: dict) -> dict:
-    """A SessionStore answer, or its error raised as the API's."""
-    if "error" in answer:
-        status, message = answer["error"]
-        raise APIError(status, message, "session",
-                       headers={"Retry-After": str(RETRY_AFTER_S)} if status in (409, 429) else None)
-    return answer
-
-
-@dataclasses.dataclass
-class _Lease:
-    """A session a request holds: what it continues from, and how far."""
-    use: object  # deploy.api.SessionUse
-    context: object  # deploy.state_cache.Context
-    length: int
-    lease: str
-
-
 # Serve pickles the class when it is decorated: everything it uses must be defined above it.
 @serve.deployment(max_constructor_retry_count=3)
 @serve.ingress(api)
@@ -95,10 +77,10 @@ class CharRNNServer:
         set_up_replica(device, threads)
         self.model, self.vocab, _ = source.load(folder, device)
         self.name, self.limits, self.created = name, limits, int(time.time())
-        self.api_key_sha256, self.sessions = api_key_sha256, sessions  # sessions: SessionStore's handle
-        self.fingerprint = model_fingerprint(self.model)
+        self.api_key_sha256 = api_key_sha256
         self.decoder = Decoder(self.model, self.vocab.chars + [UNKNOWN_CHAR], max_batch=limits.max_concurrent,
                                **{"state_cache_bytes": limits.state_cache_mb << 20, **(decoder or {})})
+        self.sessions = Sessions(sessions, self.decoder, self.model, self._ids)
         cfg = self.model.config
         logger.info("charrnn: serving %s from %s (%s %dx%d, vocab %d) on %s, %d torch threads, min step batch %d",
                     name, public_location(folder), cfg.cell, cfg.layers, cfg.hidden, cfg.vocab_size, device,
@@ -126,7 +108,7 @@ class CharRNNServer:
             raise overloaded(f"{self.decoder.queued_chars} characters are waiting to be primed or scored",
                              self.limits.max_queued_chars)
 
-    def _submit(self, prompts: list[str], n: int, sampling, sink=None, lease: _Lease | None = None) -> list:
+    def _submit(self, prompts: list[str], n: int, sampling, sink=None, lease: Lease | None = None) -> list:
         """n sequences per prompt, choice j seeded seed + j, the prompt primed once for all n (from
         the session's context with a lease); characters outside the vocabulary read as the unknown id."""
         self._admit(len(prompts) * n, sum(map(len, prompts)))
@@ -140,35 +122,6 @@ class CharRNNServer:
 
     def _ids(self, text: str) -> list[int]:
         return self.vocab.encode(text).tolist()
-
-    # -- sessions: taken for a request, then given back with the new state (or unchanged) ---------------
-
-    async def _take(self, use) -> _Lease | None:
-        if use is None:
-            return None
-        got = _stored(await self.sessions.take.remote(use.id, self.fingerprint))
-        context, length = decode_state(got["state"], self.model, self.fingerprint)
-        return _Lease(use, context, length, got["lease"])
-
-    async def _give_back(self, lease: _Lease | None, prime: str, seq=None) -> dict | None:
-        """End the lease. With `seq` (the request finished), the session then holds what its
-        `session_append` says; without, it stays as it was (the request failed or its client left)."""
-        if lease is None:
-            return None
-        state, length = None, lease.length
-        if seq is not None and lease.use.append != "none":
-            context = seq.context or await self.decoder.context(self._ids(prime), lease.context)
-            length += len(prime)
-            if lease.use.append == "all" and seq.text:
-                context = await self.decoder.context(self._ids(seq.text), context)
-                length += len(seq.text)
-            state = encode_state(context, self.model, self.fingerprint, length)
-        return _stored(await self.sessions.put.remote(lease.use.id, lease.lease, state, length))
-
-    def _release(self, lease: _Lease | None) -> None:
-        """Give the session back unchanged, even from a request being cancelled."""
-        if lease is not None:
-            asyncio.ensure_future(self.sessions.put.remote(lease.use.id, lease.lease, None, lease.length))
 
     @staticmethod
     async def _wait(seqs: list) -> None:
@@ -221,21 +174,21 @@ class CharRNNServer:
     @api.post("/v1/generate")
     async def generate(self, request: Request):
         req = parse_generate(await self._json(request), self.limits)
-        lease = await self._take(req.session)
+        lease = await self.sessions.take(req.session)
         try:
             sink = asyncio.Queue() if req.stream else None
             [seq] = self._submit([req.prime], 1, req.sampling, sink, lease)
         except BaseException:
-            self._release(lease)
+            self.sessions.release(lease)
             raise
         if req.stream:
             return StreamingResponse(self._generate_stream(seq, sink, lease, req.prime),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             await self._wait([seq])
-            session = await self._give_back(lease, req.prime, seq)
+            session = await self.sessions.give_back(lease, req.prime, seq)
         except BaseException:
-            self._release(lease)
+            self.sessions.release(lease)
             raise
         return {"text": seq.text, "chars": len(seq.chars), "finish_reason": seq.finish_reason, "seed": seq.seed,
                 "model": self.name, **({"session": session} if session else {})}
@@ -246,27 +199,27 @@ class CharRNNServer:
                 async for seq, text in events:
                     if text is not None:
                         yield _sse({"text": text})
-            session = await self._give_back(lease, prime, seq)
+            session = await self.sessions.give_back(lease, prime, seq)
             lease = None
             yield _sse({"text": "", "finish_reason": seq.finish_reason, "chars": len(seq.chars), "seed": seq.seed,
                         **({"session": session} if session else {})})
         except Exception as err:  # the status line is gone: say it in the stream
             yield _sse(_stream_error(err))
         finally:
-            self._release(lease)
+            self.sessions.release(lease)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         req = parse_completion(await self._json(request), self.limits, self.name)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name}
-        lease = await self._take(req.session)
+        lease = await self.sessions.take(req.session)
         try:
             sink = asyncio.Queue() if req.stream else None
             seqs = self._submit(req.prompts, req.n, req.sampling, sink, lease)
-            echoed = self._echoed(req)
+            echoed = prompt_logprobs(self.decoder, req, self._ids)
         except BaseException:
-            self._release(lease)
+            self.sessions.release(lease)
             raise
         if req.stream:
             return StreamingResponse(self._completion_stream(req, head, seqs, sink, echoed, lease),
@@ -274,40 +227,15 @@ class CharRNNServer:
         try:
             await self._wait(seqs)
             echoed = [await e for e in echoed]
-            session = await self._give_back(lease, req.prompts[0], seqs[0])
+            session = await self.sessions.give_back(lease, req.prompts[0], seqs[0])
         except BaseException:
-            self._release(lease)
+            self.sessions.release(lease)
             raise
         choices = [{"text": (req.prompts[s.index // req.n] if req.echo else "") + s.text, "index": s.index,
-                    "logprobs": self._choice_logprobs(req, s, echoed), "finish_reason": _openai_reason(s)}
+                    "logprobs": choice_logprobs(req, s, echoed), "finish_reason": _openai_reason(s)}
                    for s in seqs]
         return {**head, "choices": choices, "usage": self._usage(req, seqs),
                 **({"session": session} if session else {})}
-
-    def _echoed(self, req) -> list:
-        """With echo and logprobs: per prompt, a task scoring it (its characters' log-probabilities)."""
-        if not (req.echo and req.logprobs is not None):
-            return []
-        return [asyncio.ensure_future(self._prompt_logprobs(prompt, req.logprobs)) for prompt in req.prompts]
-
-    async def _prompt_logprobs(self, prompt: str, top: int) -> dict:
-        ids = self._ids(prompt)
-        entries = scored_entries(await self.decoder.score(ids, top), self.decoder.table) if len(ids) > 1 \
-            else [(None, None)]
-        return openai_logprobs(list(prompt), entries)
-
-    @staticmethod
-    def _choice_logprobs(req, seq, echoed: list, start: int = 0, end: int | None = None) -> dict | None:
-        """Choice `seq`'s logprobs object for its generated characters [start:end] (streamed chunks),
-        after the prompt's when echoed (the whole text) or with the prompt's offset."""
-        if req.logprobs is None:
-            return None
-        prompt = req.prompts[seq.index // req.n]
-        end = len(seq.logprobs) if end is None else end
-        offset = (len(prompt) if req.echo else 0) + start
-        made = openai_logprobs(seq.chars[start:end], seq.logprobs[start:end], offset)
-        return merge(echoed[seq.index // req.n], made) if echoed and start == 0 and end == len(seq.logprobs) \
-            else made
 
     async def _completion_stream(self, req, head, seqs, sink, echoed, lease):
         def chunk(seq, text, reason=None, logprobs=None):
@@ -325,10 +253,9 @@ class CharRNNServer:
                         yield chunk(seq, "", _openai_reason(seq))
                         continue
                     start, sent[seq.index] = sent[seq.index], sent[seq.index] + len(text)
-                    logprobs = self._choice_logprobs(req, seq, [], start, sent[seq.index]) if req.logprobs \
-                        is not None else None
+                    logprobs = choice_logprobs(req, seq, [], start, sent[seq.index])
                     yield chunk(seq, text, logprobs=logprobs)
-            session = await self._give_back(lease, req.prompts[0], seqs[0])
+            session = await self.sessions.give_back(lease, req.prompts[0], seqs[0])
             lease = None
             if req.include_usage or session:
                 yield _sse({**head, "choices": [], **({"usage": self._usage(req, seqs)} if req.include_usage else {}),
@@ -336,7 +263,7 @@ class CharRNNServer:
         except Exception as err:
             yield _sse(_stream_error(err))
         finally:
-            self._release(lease)
+            self.sessions.release(lease)
         yield _sse("[DONE]")
 
     @staticmethod
@@ -364,35 +291,29 @@ class CharRNNServer:
         application/octet-stream: the same session on this server."""
         authorize(request, self.api_key_sha256)
         if media_type(request) == "application/octet-stream":
-            try:
-                context, length = decode_state(await read_body(request, self.limits.max_body_bytes,
-                                                               "application/octet-stream"), self.model,
-                                               self.fingerprint)
-            except StateError as err:
-                raise APIError(err.status, str(err)) from None
+            context, length = self.sessions.decode(await read_body(request, self.limits.max_body_bytes,
+                                                                   "application/octet-stream"))
         else:
             prime = parse_session(await read_json(request, self.limits.max_body_bytes), self.limits)
             self._admit(1, len(prime))
             context, length = await self.decoder.context(self._ids(prime)), len(prime)
-        state = encode_state(context, self.model, self.fingerprint, length)
-        return {**_stored(await self.sessions.create.remote(self.fingerprint, state, length)), "model": self.name}
+        return {**await self.sessions.create(context, length), "model": self.name}
 
     @api.get("/v1/sessions/{session}")
     async def session_info(self, session: str, request: Request):
         authorize(request, self.api_key_sha256)
-        sid = parse_session_id(session)
-        return {**_stored(await self.sessions.info.remote(sid, self.fingerprint)), "model": self.name}
+        return {**await self.sessions.ask("info", parse_session_id(session)), "model": self.name}
 
     @api.delete("/v1/sessions/{session}")
     async def delete_session(self, session: str, request: Request):
         authorize(request, self.api_key_sha256)
-        return _stored(await self.sessions.delete.remote(parse_session_id(session), self.fingerprint))
+        return await self.sessions.ask("delete", parse_session_id(session))
 
     @api.get("/v1/sessions/{session}/state")
     async def export_session(self, session: str, request: Request):
         authorize(request, self.api_key_sha256)
-        got = _stored(await self.sessions.export.remote(parse_session_id(session), self.fingerprint))
-        return Response(got["state"], media_type="application/octet-stream",
+        state = (await self.sessions.ask("export", parse_session_id(session)))["state"]
+        return Response(state, media_type="application/octet-stream",
                         headers={"Content-Disposition": 'attachment; filename="state.safetensors"'})
 
 

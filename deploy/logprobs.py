@@ -3,6 +3,8 @@
 entry's top_logprobs holds the k likeliest characters and the one that was there, so up to k + 1."""
 from __future__ import annotations
 
+import asyncio
+
 
 def openai_logprobs(tokens: list[str], entries: list, offset: int = 0) -> dict:
     """`entries`: per token (log-probability, [(character, log-probability)]), or (None, None) for a
@@ -25,3 +27,29 @@ def scored_entries(scored, table: list[str]) -> list:
 def merge(first: dict, second: dict) -> dict:
     """Two logprobs objects of consecutive text (an echoed prompt, then what was generated)."""
     return {key: first[key] + second[key] for key in first}
+
+
+def prompt_logprobs(decoder, req, ids) -> list:
+    """With echo and logprobs: per prompt of the completion request `req`, a task scoring it (its
+    characters' log-probabilities) on `decoder`; `ids`: text -> the model's ids."""
+    if not (req.echo and req.logprobs is not None):
+        return []
+
+    async def one(prompt: str) -> dict:
+        encoded = ids(prompt)
+        entries = scored_entries(await decoder.score(encoded, req.logprobs), decoder.table) if len(encoded) > 1 \
+            else [(None, None)]
+        return openai_logprobs(list(prompt), entries)
+    return [asyncio.ensure_future(one(prompt)) for prompt in req.prompts]
+
+
+def choice_logprobs(req, seq, echoed: list, start: int = 0, end: int | None = None) -> dict | None:
+    """Choice `seq`'s logprobs object for its generated characters [start:end] (a streamed chunk's),
+    after its prompt's (`echoed`, awaited) when the whole text is asked for."""
+    if req.logprobs is None:
+        return None
+    prompt = req.prompts[seq.index // req.n]
+    end = len(seq.logprobs) if end is None else end
+    made = openai_logprobs(seq.chars[start:end], seq.logprobs[start:end], (len(prompt) if req.echo else 0) + start)
+    whole = echoed and start == 0 and end == len(seq.logprobs)
+    return merge(echoed[seq.index // req.n], made) if whole else made
