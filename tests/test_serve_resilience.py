@@ -262,3 +262,42 @@ def test_a_killed_replica_is_replaced_and_requests_keep_succeeding(server):
 
     health = requests.get(url + "/healthz", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def _generate(url: str, **body) -> dict:
+    """POST /v1/generate, retried while a replica is being replaced (503)."""
+    for _ in range(120):
+        r = requests.post(url + "/v1/generate", json={"max_chars": 60, **body}, timeout=TIMEOUT_S)
+        if r.status_code != 503:
+            assert r.status_code == 200, r.text
+            return r.json()
+        time.sleep(0.5)
+    raise AssertionError("no replica answered")
+
+
+def _running(replicas, avoid=()) -> list[int]:
+    """The replicas' processes once Serve runs two, none of them in `avoid`."""
+    deadline = time.monotonic() + 120
+    while True:
+        pids = replicas.pids()
+        if len(pids) == 2 and not set(pids) & set(avoid) and replicas.states() == {"RUNNING": 2}:
+            return pids
+        assert time.monotonic() < deadline, (pids, replicas.states())
+        time.sleep(0.5)
+
+
+def test_a_session_outlives_every_replica_that_served_it(server):
+    """The session's state lives in SessionStore, not in a replica: killed both, their replacements
+    continue it with exactly the text one long prime gives."""
+    url, replicas = server
+    before = _running(replicas)
+    made = requests.post(url + "/v1/sessions", json={"prime": "The cat "}, timeout=TIMEOUT_S)
+    assert made.status_code == 200, made.text
+    sid = made.json()["session"]
+    first = _generate(url, prime="saw ", seed=1, session=sid)["text"]
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    _running(replicas, avoid=before)
+    later = _generate(url, prime="A dog ", seed=2, session=sid)
+    assert later["text"] == _generate(url, prime="The cat saw " + first + "A dog ", seed=2)["text"]
+    assert later["session"]["length"] == len("The cat saw " + first + "A dog ") + len(later["text"])
