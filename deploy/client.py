@@ -39,12 +39,14 @@ class CharRNNClient:
         return response
 
     def generate(self, prime: str, max_chars: int = 200, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> dict:
-        """{text, chars, finish_reason, seed, model}."""
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                 session: str | None = None, session_append: str | None = None) -> dict:
+        """{text, chars, finish_reason, seed, model}, and `session` (its info) when continuing one."""
         return self._request("POST", "/v1/generate", _body(locals())).json()
 
     def stream(self, prime: str, max_chars: int = 200, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> Iterator[str]:
+               top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+               session: str | None = None, session_append: str | None = None) -> Iterator[str]:
         """The generated text in chunks, as the server sends them; then `self.last` holds the final
         event ({text: "", finish_reason, chars, seed})."""
         body = {**_body(locals()), "stream": True}
@@ -62,9 +64,33 @@ class CharRNNClient:
         """OpenAI-style completions; options: temperature, top_p, top_k, n, seed, stop, echo, model."""
         return self._request("POST", "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, **options}).json()
 
-    def score(self, text: str) -> dict:
-        """{loss (nats per character), bits_per_char, chars (characters predicted)}."""
-        return self._request("POST", "/v1/score", {"text": text}).json()
+    def score(self, text: str, per_char: bool = False) -> dict:
+        """{loss (nats per character), bits_per_char, chars (characters predicted)}; with `per_char`
+        also `tokens` and `surprisal` (nats per character, the first None)."""
+        return self._request("POST", "/v1/score", {"text": text, "per_char": per_char}).json()
+
+    def create_session(self, prime: str) -> str:
+        """A new session after `prime`: its id, for generate(session=...) and the calls below."""
+        return self._request("POST", "/v1/sessions", {"prime": prime}).json()["session"]
+
+    def session_info(self, session: str) -> dict:
+        """{session, length, created, idle_s, expires_in_s, in_use, model}."""
+        return self._request("GET", f"/v1/sessions/{session}").json()
+
+    def delete_session(self, session: str) -> None:
+        self._request("DELETE", f"/v1/sessions/{session}")
+
+    def export_state(self, session: str) -> bytes:
+        """The session's state (safetensors bytes), for import_state here or on another server."""
+        return self._request("GET", f"/v1/sessions/{session}/state").content
+
+    def import_state(self, state: bytes) -> str:
+        """A new session holding `state` (export_state's bytes, of this server's model): its id."""
+        response = self.session.post(self.url + "/v1/sessions", data=state, timeout=self.timeout,
+                                     headers={"Content-Type": "application/octet-stream"})
+        if response.status_code >= 400:
+            _raise(response)
+        return response.json()["session"]
 
     def forecast(self, history: list, steps: int = 1) -> dict:
         """A time-series model's next `steps` points after `history` (numbers, or arrays of one
