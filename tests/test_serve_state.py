@@ -167,3 +167,23 @@ def test_log_probabilities_with_the_openai_client(server):
     tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     offsets = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
     assert "".join(tokens) == choice.text and offsets == list(range(30))
+
+
+def test_the_python_client_drives_sessions(server):
+    from deploy.client import CharRNNClient, ServerError
+
+    client = CharRNNClient(server)
+    sid = client.create_session(A)
+    out = client.generate(B, max_chars=30, seed=8, session=sid, session_append="input")
+    assert out["session"]["length"] == len(A + B) == client.session_info(sid)["length"]
+    twin = client.import_state(client.export_state(sid))
+    assert client.generate("", max_chars=30, seed=8, session=twin)["text"] == \
+        client.generate(A + B, max_chars=30, seed=8)["text"]
+    assert "".join(client.stream(C, max_chars=20, seed=1, session=sid)) == \
+        client.generate(A + B + C, max_chars=20, seed=1)["text"]
+    assert client.last["session"]["length"] == len(A + B + C) + 20
+    client.delete_session(sid)
+    with pytest.raises(ServerError) as err:
+        client.session_info(sid)
+    assert err.value.status == 404
+    assert client.score("The cat", per_char=True)["surprisal"][0] is None
