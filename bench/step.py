@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models import CharRNN, ModelConfig  # noqa: E402
-from training.step import keep_freed_memory, make_optimizer, native_bf16, train_step  # noqa: E402
+from models import native_bf16  # noqa: E402
+from training.step import keep_freed_memory, make_optimizer, train_step  # noqa: E402
 from training.windows import Window  # noqa: E402
 
 VOCAB = 84  # anna.txt's 83 characters and the unknown id

@@ -320,7 +320,7 @@ def machine() -> dict:
     """The CPU, its flags that matter here, and the versions: figures compare within one machine only."""
     import torch
 
-    from training.step import native_bf16
+    from models import native_bf16
 
     with open("/proc/cpuinfo") as f:
         lines = f.read().splitlines()

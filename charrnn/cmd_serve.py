@@ -40,6 +40,10 @@ def add_commands(sub) -> None:
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: --cpus-per-replica)")
     p.add_argument("--name", default=None, help="the model's name in the API (default: the run folder's name)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="text models: what decode steps compute in. auto (default): bf16 where the hardware has it "
+                        "natively and a start-up probe measures it faster, else fp32. bf16 gives a seed other text "
+                        "than fp32 does (primes, scores and states stay fp32)")
     _add_api_key_option(p, "every /v1 route then needs Authorization: Bearer KEY (401 otherwise); /healthz stays open")
     add_app_options(p)
     limits = p.add_argument_group("limits (per request, and per replica)")
@@ -162,10 +166,13 @@ def _run_serve(args) -> int:
         autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {args.port}")
+        if task == "series" and args.precision != "auto":
+            raise ValueError("--precision applies to text models only")
+        text_only = {"precision": args.precision} if task == "text" else {}
         app = (build_series_app if task == "series" else build_app)(
             args.model, name=args.name, replicas=args.replicas, autoscale=autoscale, target_ongoing=args.target_ongoing,
             gpu=args.gpu, num_cpus=args.cpus_per_replica, threads=args.threads, limits=limits,
-            api_key_sha256=api_key_digest(args.api_key) if args.api_key else None)
+            api_key_sha256=api_key_digest(args.api_key) if args.api_key else None, **text_only)
     except ValueError as err:  # ModelFolderError is one too: it names the folder
         raise CommandError(str(err))
     local = is_local(args.address)

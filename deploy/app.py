@@ -30,6 +30,7 @@ from deploy.ingress import (authorize, builder_arguments, deployment_options, er
                             media_type, model_list, overloaded, read_body, read_json, set_up_replica)
 from deploy.limits import RETRY_AFTER_S, Limits
 from deploy.logprobs import choice_logprobs, prompt_logprobs
+from deploy.padded_step import PRECISIONS, choose_precision
 from deploy.session_leases import Lease, Sessions
 from deploy.sessions import SessionStore
 from models.generate import bits_per_char
@@ -73,18 +74,21 @@ def _openai_reason(seq) -> str:
 @serve.ingress(api)
 class CharRNNServer:
     def __init__(self, folder: str, name: str, limits: Limits, sessions, device: str = "cpu",
-                 threads: int | None = None, decoder: dict | None = None, api_key_sha256: str | None = None):
+                 threads: int | None = None, decoder: dict | None = None, api_key_sha256: str | None = None,
+                 precision: str = "auto"):
         set_up_replica(device, threads)
         self.model, self.vocab, _ = source.load(folder, device)
+        precision, why = choose_precision(self.model, limits.max_concurrent, precision)
         self.name, self.limits, self.created = name, limits, int(time.time())
         self.api_key_sha256 = api_key_sha256
         self.decoder = Decoder(self.model, self.vocab.chars + [UNKNOWN_CHAR], max_batch=limits.max_concurrent,
-                               **{"state_cache_bytes": limits.state_cache_mb << 20, **(decoder or {})})
+                               **{"state_cache_bytes": limits.state_cache_mb << 20, "precision": precision,
+                                  **(decoder or {})})
         self.sessions = Sessions(sessions, self.decoder, self.model, self._ids)
         cfg = self.model.config
-        logger.info("charrnn: serving %s from %s (%s %dx%d, vocab %d) on %s, %d torch threads, min step batch %d",
-                    name, public_location(folder), cfg.cell, cfg.layers, cfg.hidden, cfg.vocab_size, device,
-                    torch.get_num_threads(), self.decoder.min_step_batch)
+        logger.info("charrnn: serving %s from %s (%s %dx%d, vocab %d) on %s, %d torch threads, min step batch %d, "
+                    "decoding in %s", name, public_location(folder), cfg.cell, cfg.layers, cfg.hidden, cfg.vocab_size,
+                    device, torch.get_num_threads(), self.decoder.min_step_batch, why)
 
     def check_health(self):
         self.decoder.raise_if_stopped()
@@ -320,19 +324,22 @@ class CharRNNServer:
 def build_app(model: str, *, name: str | None = None, replicas: int = 1, autoscale: tuple[int, int] | None = None,
               target_ongoing: float | None = None, gpu: bool = False, num_cpus: float = 1.0,
               threads: int | None = None, limits: Limits | dict | None = None, decoder: dict | None = None,
-              api_key_sha256: str | None = None):
+              api_key_sha256: str | None = None, precision: str = "auto"):
     """The bound application serving the model folder or run folder `model` (a path or a pyarrow.fs
     URI). `replicas` fixed, or `autoscale` (min, max) aiming at `target_ongoing` requests per replica
     (default: half of max_concurrent). `gpu`: one GPU per replica. `threads`: torch threads per
     replica (default: its `num_cpus`). `decoder`: Decoder options (flush_chars, log_interval_s, ...).
-    `api_key_sha256`: every /v1 route then needs the key whose digest it is (ingress.api_key_digest)."""
+    `api_key_sha256`: every /v1 route then needs the key whose digest it is (ingress.api_key_digest).
+    `precision`: what decode steps compute in: auto (bf16 where native and measured faster), fp32, bf16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     folder = source.resolve(model)
     limits = limits if isinstance(limits, Limits) else Limits(**(limits or {}))
     options = deployment_options(limits, replicas, autoscale, target_ongoing, gpu, num_cpus)
     sessions = SessionStore.bind(limits.max_sessions, limits.session_ttl_s, limits.max_session_mb << 20)
     return CharRNNServer.options(**options).bind(folder, name or source.default_name(folder), limits, sessions,
                                                  "cuda" if gpu else "cpu", threads or max(1, int(num_cpus)), decoder,
-                                                 api_key_sha256)
+                                                 api_key_sha256, precision)
 
 
 def app_builder(args: dict):
@@ -341,4 +348,4 @@ def app_builder(args: dict):
     model folder gets deploy.series_app's application, with its limits."""
     if "model" in args and source.task(source.resolve(str(args["model"]))) == "series":
         return series_app.app_builder(args)
-    return build_app(**builder_arguments(args, "text", {"decoder": dict}))
+    return build_app(**builder_arguments(args, "text", {"decoder": dict, "precision": str}))

@@ -44,9 +44,10 @@ class DecoderStopped(RuntimeError):
 class Decoder:
     def __init__(self, model: CharRNN, table: list[str], max_batch: int = 64, min_step_batch: int | None = None,
                  flush_chars: int = 32, flush_interval_s: float = 0.25, log_interval_s: float = 10.0,
-                 logger: logging.Logger | None = None, state_cache_bytes: int = 64 << 20):
+                 logger: logging.Logger | None = None, state_cache_bytes: int = 64 << 20, precision: str = "fp32"):
         """`table`: id -> character, for every id the model can produce. `min_step_batch` None:
-        measured (deploy/padded_step.py). `state_cache_bytes`: the prefix cache's bound (0: off). A
+        measured (deploy/padded_step.py). `state_cache_bytes`: the prefix cache's bound (0: off).
+        `precision`: what decode steps compute in, fp32 or bf16 (primes and scores stay fp32). A
         stream gets its first character at once, then its text
         every `flush_chars` characters or `flush_interval_s` seconds, whichever comes first: each
         chunk costs the replica and Serve's proxy about a millisecond of CPU, so at 64 streams
@@ -59,7 +60,8 @@ class Decoder:
         self.table, self.max_batch = table, max_batch
         self.flush_chars, self.flush_interval_s = flush_chars, flush_interval_s
         self.logger = logger or logging.getLogger("ray.serve")
-        self.min_step_batch = min_step_batch or measure_min_step_batch(model, max_batch)
+        self.precision = precision
+        self.min_step_batch = min_step_batch or measure_min_step_batch(model, max_batch, precision)
         self.cache = PrefixCache(state_cache_bytes)
         self._priming: dict[str, PrimeJob] = {}  # cacheable primes in prefill, by key: later twins join them
         # One thread runs the torch work: decode steps, and prefill slices between them.
@@ -193,7 +195,7 @@ class Decoder:
     def stats(self) -> dict:
         return {**self._stats.summary(), "active": len(self._rows), "waiting": self._load - len(self._rows),
                 "queued_chars": self._prefill.chars,
-                "max_batch": self.max_batch, "min_step_batch": self.min_step_batch,
+                "max_batch": self.max_batch, "min_step_batch": self.min_step_batch, "precision": self.precision,
                 "state_cache": self.cache.summary(),
                 "running": self._step_loop is not None and not self._step_loop.done()}
 
@@ -382,7 +384,8 @@ class Decoder:
                 ids = ids[index]
                 self._state = state_map(lambda s: s.index_select(1, index), self._state)
         if keep:
-            self._logits, self._state = padded_step(self.model, ids, self._state, self.min_step_batch)
+            self._logits, self._state = padded_step(self.model, ids, self._state, self.min_step_batch,
+                                                    self.precision)
         else:
             self._state = self._logits = None
         self._last_step_s = time.perf_counter() - start

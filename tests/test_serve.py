@@ -109,10 +109,11 @@ def test_decoder_cancel_frees_the_place(run_dir):
         decoder.close()
 
 
-def test_decoder_same_seed_same_text_alone_or_in_a_crowd(run_dir):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_decoder_same_seed_same_text_alone_or_in_a_crowd(run_dir, precision):
     model, _, vocab_json, _ = load_model(run_dir / "model")
     vocab = Vocabulary.from_json(vocab_json)
-    decoder = Decoder(model, vocab.chars + ["\ufffd"], max_batch=32)
+    decoder = Decoder(model, vocab.chars + ["\ufffd"], max_batch=32, precision=precision)
     try:
         prime = vocab.encode(PRIME).tolist()
         wanted = Sampling(max_chars=150, temperature=1.3, top_k=10, top_p=0.95, seed=42)
@@ -191,12 +192,12 @@ def test_decoder_survives_a_failing_step(run_dir, monkeypatch):
     decoder = Decoder(model, list(Vocabulary.from_json(vocab_json).chars) + ["?"], max_batch=4)
     widths, failed = [], []
 
-    def broken_once(model, ids, state, min_rows):
+    def broken_once(model, ids, state, min_rows, precision):
         widths.append(len(ids))
         if widths[-2:] == [2, 1] and not failed:  # the step in which the short sequence finished
             failed.append(True)
             raise RuntimeError("boom")
-        return padded_step(model, ids, state, min_rows)
+        return padded_step(model, ids, state, min_rows, precision)
     monkeypatch.setattr(deploy.decoder, "padded_step", broken_once)
 
     async def go():

@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from models import detach_state, reset_state_rows
+from models import detach_state, native_bf16, reset_state_rows
 from training.windows import IGNORE, Window
 
 
@@ -39,15 +39,6 @@ def autocast_for(device: torch.device, precision: str = "fp32"):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the hardware computes in bf16 natively: a CUDA GPU that supports it, or a CPU with
-    AVX512-BF16 or AMX (elsewhere CPU bf16 is emulated, and slower than float32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPUID checks
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def choose_precision(requested: str, model, window: Window, state, device) -> tuple[str, str]:
