@@ -24,16 +24,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_right, insort
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from deploy.decoder_stats import DecoderStats
+from deploy.logprobs import sampled_logprobs
 from deploy.padded_step import measure_min_step_batch, padded_step, state_map
 from deploy.prefill import Prefill, PrimeJob, ScoreJob
 from deploy.sampling import Sampling
 from deploy.sequence import Sequence
-from deploy.state_cache import Context, PrefixCache, key_of
+from deploy.state_cache import SNAPSHOT_EVERY, Context, PrefixCache, key_of, longest_shared
 from models import CharRNN, sample_next
 
 
@@ -64,6 +66,7 @@ class Decoder:
         self.min_step_batch = min_step_batch or measure_min_step_batch(model, max_batch, precision)
         self.cache = PrefixCache(state_cache_bytes)
         self._priming: dict[str, PrimeJob] = {}  # cacheable primes in prefill, by key: later twins join them
+        self._priming_keys: list[str] = []  # the same keys, sorted: a prefix shared with one of them runs once
         # One thread runs the torch work: decode steps, and prefill slices between them.
         self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="charrnn-step")
         self._prefill = Prefill(self.device)
@@ -172,10 +175,32 @@ class Decoder:
             pos, cached, shared = self.cache.lookup(key)
             if pos == len(ids):
                 return self._primed(seqs, waiters, cached)
+            lead = longest_shared(self._priming_keys, key)
+            if self.cache.max_bytes and pos + SNAPSHOT_EVERY <= lead < len(ids):
+                return self._after_prefix(ids, lead, seqs, waiters)
             job = PrimeJob(ids, seqs, cached, pos, self.cache.snapshot_points(len(ids), pos, shared), key, waiters)
             self._priming[key] = job
+            insort(self._priming_keys, key)
         self._prefill.add(job)
         self._wake.set()
+
+    def _after_prefix(self, ids: list[int], lead: int, seqs: list[Sequence], waiters: list) -> None:
+        """A prime sharing its first `lead` characters with one in prefill: those run once, as a job
+        of their own that the others sharing them join too, and this prime then runs from the
+        context cached at its end."""
+        prefix = asyncio.get_running_loop().create_future()
+        self._prime(ids[:lead], None, [], [prefix])
+
+        def resume(future: asyncio.Future) -> None:
+            error = self._stopped or (None if future.cancelled() else future.exception())
+            if error is None:
+                return self._prime(ids, None, seqs, waiters)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(error)
+            for seq in seqs:
+                self._fail(seq, error)
+        prefix.add_done_callback(resume)
 
     def _primed(self, seqs: list[Sequence], waiters: list, context: Context) -> None:
         """Hand a prime's context to the sequences (they wait for a place in the batch) and futures
@@ -246,6 +271,7 @@ class Decoder:
             return
         if self._priming.get(job.key) is job:
             del self._priming[job.key]
+            self._priming_keys.pop(bisect_right(self._priming_keys, job.key) - 1)
         if job.error is not None:
             for future in job.waiters:
                 if not future.done():
@@ -367,7 +393,7 @@ class Decoder:
                             torch.tensor([max(r.sampling.top_p, 1e-6) for r in rows], device=self.device))
         uniforms = torch.tensor([r.next_uniform() for r in rows], device=self.device)
         ids = sample_next(self._logits, *self._params, uniforms=uniforms)
-        finished, keep, logprobs = [], [], self._logprobs(rows, ids)
+        finished, keep, logprobs = [], [], sampled_logprobs(rows, self._logits, ids, self.table)
         for i, (row, token) in enumerate(zip(rows, ids.tolist())):
             if row.cancelled:
                 row.finish_reason = "cancelled"
@@ -391,21 +417,3 @@ class Decoder:
         self._last_step_s = time.perf_counter() - start
         self._stats.step(len(rows), self._last_step_s, time.thread_time() - cpu_start)
         return finished
-
-    def _logprobs(self, rows: list[Sequence], ids: torch.Tensor) -> list:
-        """Per row, None, or for a row that asked for them (sampling.logprobs = k): the sampled
-        character's log-probability under the model (temperature 1, nothing cut) and the k likeliest
-        characters with theirs."""
-        asked = [i for i, row in enumerate(rows) if row.sampling.logprobs is not None]
-        out = [None] * len(rows)
-        if not asked:
-            return out
-        index = torch.tensor(asked, device=self.device)
-        logp = torch.log_softmax(self._logits.index_select(0, index).float(), dim=-1)
-        chosen = logp.gather(1, ids.index_select(0, index)[:, None])[:, 0].tolist()
-        top = max(rows[i].sampling.logprobs for i in asked)
-        values, indices = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
-        for j, (i, values_j, indices_j) in enumerate(zip(asked, values.tolist(), indices.tolist())):
-            k = rows[i].sampling.logprobs
-            out[i] = (chosen[j], [(self.table[t], v) for t, v in zip(indices_j[:k], values_j[:k])])
-        return out

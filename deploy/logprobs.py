@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import torch
+
 
 def openai_logprobs(tokens: list[str], entries: list, offset: int = 0) -> dict:
     """`entries`: per token (log-probability, [(character, log-probability)]), or (None, None) for a
@@ -53,3 +55,22 @@ def choice_logprobs(req, seq, echoed: list, start: int = 0, end: int | None = No
     made = openai_logprobs(seq.chars[start:end], seq.logprobs[start:end], (len(prompt) if req.echo else 0) + start)
     whole = echoed and start == 0 and end == len(seq.logprobs)
     return merge(echoed[seq.index // req.n], made) if whole else made
+
+
+def sampled_logprobs(rows: list, logits: torch.Tensor, ids: torch.Tensor, table: list[str]) -> list:
+    """Per decoder row, None, or for a row that asked for them (sampling.logprobs = k): the sampled
+    character's log-probability under the model (temperature 1, nothing cut) and the k likeliest
+    characters with theirs. `logits` [rows, vocab] are what `ids` [rows] were sampled from."""
+    asked = [i for i, row in enumerate(rows) if row.sampling.logprobs is not None]
+    out = [None] * len(rows)
+    if not asked:
+        return out
+    index = torch.tensor(asked, device=logits.device)
+    logp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    chosen = logp.gather(1, ids.index_select(0, index)[:, None])[:, 0].tolist()
+    top = max(rows[i].sampling.logprobs for i in asked)
+    values, indices = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
+    for j, (i, values_j, indices_j) in enumerate(zip(asked, values.tolist(), indices.tolist())):
+        k = rows[i].sampling.logprobs
+        out[i] = (chosen[j], [(table[t], v) for t, v in zip(indices_j[:k], values_j[:k])])
+    return out

@@ -56,6 +56,13 @@ def common_length(a: str, b: str) -> int:
     return low
 
 
+def longest_shared(sorted_keys: list[str], key: str) -> int:
+    """The longest prefix `key` shares with any of `sorted_keys`: the keys sharing the most with it
+    are its neighbours in sorted order."""
+    at = bisect_right(sorted_keys, key)
+    return max((common_length(key, sorted_keys[j]) for j in (at - 1, at) if 0 <= j < len(sorted_keys)), default=0)
+
+
 class PrefixCache:
     """Contexts by the exact text (key_of) that led to them, bounded by `max_bytes` (keys and
     tensors), least recently used out first. 0 bytes: off. Used from one thread (the event loop)."""
@@ -76,9 +83,7 @@ class PrefixCache:
         if not self.max_bytes:
             return 0, None, 0
         self.stats["lookups"] += 1
-        at = bisect_right(self._sorted, key)  # the keys sharing the most with key are its neighbours
-        shared = max((common_length(key, self._sorted[j]) for j in (at - 1, at) if 0 <= j < len(self._sorted)),
-                     default=0)
+        shared = longest_shared(self._sorted, key)
         probe = key[:shared]
         while probe:
             # The longest cached prefix of probe lies between it and probe: the largest key <= probe

@@ -154,3 +154,23 @@ def test_a_stop_string_takes_its_log_probabilities_with_it(model):
     assert stopped.finish_reason == "stop" and len(stopped.logprobs) == len(stopped.chars) <= 20
     assert stopped.logprobs == first.logprobs[:len(stopped.chars)]
     assert all(top == [] for _, top in stopped.logprobs)
+
+
+def test_primes_arriving_together_read_their_shared_preamble_once(model):
+    """Eight primes sharing a 1,000-character preamble, submitted at once, before anything is
+    cached: the first runs whole, the preamble runs once more as a job the other seven wait for, and
+    each then runs only its own tail. Every text is what it is with no cache at all."""
+    rng = random.Random(3)
+    preamble = ids(rng, 1000)
+    primes = [preamble + ids(rng, 30 + i) for i in range(8)]
+
+    async def together(decoder):
+        seqs = [decoder.submit(p, Sampling(max_chars=40, seed=i)) for i, p in enumerate(primes)]
+        await asyncio.gather(*(s.done for s in seqs))
+        return [s.text for s in seqs], decoder.stats()["prime_chars"]
+
+    cached, primed = run(warm := decoder_for(model), together(warm))
+    plain, plain_primed = run(cold := decoder_for(model, state_cache_bytes=0), together(cold))
+    assert cached == plain and len(set(plain)) == 8
+    assert plain_primed == sum(map(len, primes))
+    assert primed == len(primes[0]) + len(preamble) + sum(len(p) - len(preamble) for p in primes[1:])
