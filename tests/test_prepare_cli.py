@@ -88,6 +88,16 @@ def _freeze_workers(proc) -> list[int]:
     the machine, until _thaw. Not the driver, Ray's daemons nor Ray Data's actors, which the
     driver calls when it stops."""
     frozen = []
+    while new := _unfrozen_workers(proc, frozen):  # again until none is left: one may take a task meanwhile
+        for pid in new:
+            os.kill(pid, signal.SIGSTOP)
+        frozen += new
+    assert frozen, "no Ray worker process found"
+    return frozen
+
+
+def _unfrozen_workers(proc, frozen: list[int]) -> list[int]:
+    found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -97,11 +107,10 @@ def _freeze_workers(proc) -> list[int]:
         except OSError:
             continue
         session = int(stat[stat.rindex(")") + 2:].split()[3])
-        if session == proc.pid and ("_encode_and_write_batch" in title or title == "ray::IDLE"):
-            os.kill(int(pid), signal.SIGSTOP)
-            frozen.append(int(pid))
-    assert frozen, "no Ray worker process found"
-    return frozen
+        if session == proc.pid and ("_encode_and_write_batch" in title or title == "ray::IDLE") \
+                and int(pid) not in frozen:
+            found.append(int(pid))
+    return found
 
 
 def _thaw(pids: list[int]) -> None:
