@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from charrnn.ray_session import add_address_option, connect
 
@@ -47,6 +48,9 @@ def add_commands(sub) -> None:
     opt("--val-max-tokens", type=int, help=f"validation tokens per evaluation, at most (default {d.val_max_tokens:,})")
     opt("--checkpoint-every", type=int, help=f"checkpoint every N steps, and at the end (default {d.checkpoint_every})")
     opt("--log-every", type=int, help=f"print progress every N steps (default {d.log_every})")
+    opt("--tensorboard", metavar="DIR", type=os.path.abspath,
+        help="also write TensorBoard event files (loss, validation loss, bits per char, chars/s, learning rate) "
+             "into this local folder, on the node of worker 0 (`tensorboard --logdir DIR`)")
     opt("--seed", type=int, help=f"random seed: initial weights, dropout, data order (default {d.seed})")
     opt("--precision", choices=["auto", "fp32", "bf16"],
         help="bf16: autocast, with float32 weights and optimizer state; auto (default): bf16 where the GPU or CPU "

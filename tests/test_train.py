@@ -30,6 +30,25 @@ def story_dataset(ray_local, tmp_path_factory):
     return str(root / "ds")
 
 
+def tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the TensorBoard event files in `folder` (TFRecord framing: length,
+    its CRC, the Event, its CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
 def records(run_dir) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -109,7 +128,9 @@ def step_losses(run_dir) -> dict:
 
 def test_resumed_run_matches_an_uninterrupted_one_and_keeps_its_options(story_dataset, tiny_run, tmp_path):
     whole_dir, whole = tiny_run
-    train([story_dataset], str(tmp_path / "split"), {**TINY, "max_steps": 75}, log=lambda m: None)
+    tensorboard = tmp_path / "tb"
+    train([story_dataset], str(tmp_path / "split"), {**TINY, "max_steps": 75, "tensorboard": str(tensorboard)},
+          log=lambda m: None)
     resumed = train([], str(tmp_path / "split"), {"max_steps": 150}, resume=True, log=lambda m: None)
     assert resumed["steps"] == whole["steps"] == 150
     metrics = records(tmp_path / "split")
@@ -120,6 +141,18 @@ def test_resumed_run_matches_an_uninterrupted_one_and_keeps_its_options(story_da
     # shuffled order), recurrent state and dropout masks: step for step the uninterrupted run's losses.
     assert step_losses(tmp_path / "split") == pytest.approx(step_losses(whole_dir), rel=1e-6)
     assert resumed["best_val_loss"] == pytest.approx(whole["best_val_loss"], rel=1e-6)
+
+    # --tensorboard, kept by the resume: every step once, in both sessions' event files, as metrics.jsonl says.
+    scalars = tensorboard_scalars(tensorboard)
+    assert len(list(tensorboard.glob("events.out.tfevents.*"))) == 2
+    assert sorted(scalars["train/loss"]) == list(range(1, 151))
+    assert [scalars["train/loss"][r["step"]] for r in metrics if "loss" in r] == pytest.approx(
+        [r["loss"] for r in metrics if "loss" in r], rel=1e-6)
+    assert sorted(scalars["val/loss"]) == [r["step"] for r in metrics if "val_loss" in r]
+    assert all(scalars["val/bits_per_char"][s] == pytest.approx(v / math.log(2), rel=1e-6)
+               for s, v in scalars["val/loss"].items())
+    assert sorted(scalars["throughput/chars_per_s"]) == list(range(1, 151))
+    assert scalars["train/lr"][150] == pytest.approx(TINY["lr"])
 
     # A resume keeps the run's model and data; a fresh run never overwrites one.
     with pytest.raises(TrainingError, match="cannot change hidden"):
@@ -291,3 +324,10 @@ def test_a_torn_last_metrics_line_breaks_neither_resume_nor_the_plot(tmp_path):
     log.truncate(4)
     log.append({"step": 5, "loss": 2.5})
     assert [json.loads(l)["step"] for l in (tmp_path / METRICS).read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_tensorboard_takes_a_local_folder():
+    from training.config import TrainConfig
+
+    with pytest.raises(TrainingError, match="--tensorboard takes a local folder, got 's3://b/tb'"):
+        TrainConfig(tensorboard="s3://b/tb").validate()

@@ -36,6 +36,7 @@ class TrainConfig:
     val_max_tokens: int = 2_000_000  # evaluate on at most this many validation tokens
     checkpoint_every: int = 200
     log_every: int = 10
+    tensorboard: Optional[str] = None  # a local folder where rank 0 also writes TensorBoard event files
     # placement
     workers: int = 1
     gpu: bool = False
@@ -70,6 +71,8 @@ class TrainConfig:
             raise TrainingError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.shuffle_buffer < 1:
             raise TrainingError(f"--shuffle-buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.tensorboard is not None and "://" in self.tensorboard:
+            raise TrainingError(f"--tensorboard takes a local folder, got {self.tensorboard!r}")
         if self.max_failures < 0:
             raise TrainingError("--max-failures must be >= 0")
 

@@ -25,6 +25,7 @@ from training.order import epoch_runs, validation_runs
 from training.run_folder import MetricsLog, RunFolder
 from training.step import choose_precision, evaluate, keep_freed_memory, make_optimizer, train_step
 from training.tasks import TASKS
+from training.tensorboard import TensorBoardLog
 from training.windows import EpochStream, Lanes, windows
 
 
@@ -73,6 +74,8 @@ class _Worker:
                                                         job.total_steps)
         self.metrics_log = MetricsLog(self.run_dir) if self.rank == 0 else None
         self.position, saved_lanes = self._restore(model)
+        self.tensorboard = (TensorBoardLog(self.config.tensorboard, self.position.step)
+                            if self.rank == 0 and self.config.tensorboard else None)
         self.ddp_model = ray.train.torch.prepare_model(model)
         self.module = self.ddp_model.module if hasattr(self.ddp_model, "module") else self.ddp_model
         first = self._open_data(saved_lanes)
@@ -119,6 +122,13 @@ class _Worker:
 
     def train(self) -> None:
         """Steps until done (every rank stops at the same step), or until the training diverges."""
+        try:
+            self._steps()
+        finally:
+            if self.tensorboard:
+                self.tensorboard.close()
+
+    def _steps(self) -> None:
         config, position = self.config, self.position
         # --max-minutes counts the loop alone, not the setup before it.
         self.pace = _Pace(time.monotonic() + 60 * config.max_minutes if config.max_minutes else None)
@@ -179,11 +189,15 @@ class _Worker:
             self._log_step(record)
             if checkpointing or "val_loss" in record:
                 self.metrics_log.flush()
+                if self.tensorboard:
+                    self.tensorboard.flush()
         if checkpointing:
             self._checkpoint(record)
 
     def _log_step(self, record: dict) -> None:
         self.metrics_log.append(record)
+        if self.tensorboard:
+            self.tensorboard.add(record)
         step = record["step"]
         if step % self.config.log_every and "val_loss" not in record:
             return
