@@ -45,8 +45,8 @@ WORKER_ENV = {
     "MALLOC_ARENA_MAX": "1",
 }
 # What --resume may change: how long to train and on what, not the model, the optimiser or the data.
-RESUMABLE = {"tensorboard", "epochs", "max_steps", "max_minutes", "workers", "gpu", "threads_per_worker", "max_failures", "val_every",
-             "val_max_tokens", "checkpoint_every", "log_every", "precision"}
+RESUMABLE = {"epochs", "max_steps", "max_minutes", "workers", "gpu", "threads_per_worker", "max_failures", "val_every",
+             "val_max_tokens", "checkpoint_every", "log_every", "tensorboard", "precision"}
 
 
 def is_prepared(data: list[str]) -> bool:
