@@ -71,15 +71,17 @@ def _start_prepare(tmp_path, corpus):
                             start_new_session=True)
 
 
-def _wait_for_shards(tmp_path, proc, ignore=(), timeout=120):
+def _wait_for_a_running_task(proc, timeout=120):
+    """Until one of `proc`'s Ray workers is running an encoding task. Freezing then stops the run
+    mid-way whatever the machine's speed: that task and the rest of the corpus's are still to do
+    (waiting for its first shard instead let a fast machine finish every task first)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        staged = [p for p in _staging(tmp_path) if p not in ignore]
-        if staged and any((staged[0] / "train").glob("*.parquet")):
+        if any("_encode_and_write_batch" in title for _, title in _session_workers(proc)):
             return
         assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    raise AssertionError("prepare never started writing shards")
+        time.sleep(0.002)  # a task runs for tens of milliseconds
+    raise AssertionError("prepare never started an encoding task")
 
 
 def _freeze_workers(proc) -> list[int]:
@@ -97,6 +99,12 @@ def _freeze_workers(proc) -> list[int]:
 
 
 def _unfrozen_workers(proc, frozen: list[int]) -> list[int]:
+    return [pid for pid, title in _session_workers(proc)
+            if ("_encode_and_write_batch" in title or title == "ray::IDLE") and pid not in frozen]
+
+
+def _session_workers(proc) -> list[tuple[int, str]]:
+    """(pid, process title) of every process in `proc`'s session."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -106,10 +114,8 @@ def _unfrozen_workers(proc, frozen: list[int]) -> list[int]:
                 title = f.read().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        session = int(stat[stat.rindex(")") + 2:].split()[3])
-        if session == proc.pid and ("_encode_and_write_batch" in title or title == "ray::IDLE") \
-                and int(pid) not in frozen:
-            found.append(int(pid))
+        if int(stat[stat.rindex(")") + 2:].split()[3]) == proc.pid:
+            found.append((int(pid), title))
     return found
 
 
@@ -130,7 +136,7 @@ def test_interrupted_run_leaves_the_old_dataset_valid(tmp_path):
     # Killed outright: the old dataset stays as it was; the staging folder is hidden and not a dataset.
     # The run's workers are frozen first, so that it cannot have finished when the signal lands.
     proc = _start_prepare(tmp_path, tmp_path / "new")
-    _wait_for_shards(tmp_path, proc)
+    _wait_for_a_running_task(proc)
     frozen = _freeze_workers(proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -142,9 +148,8 @@ def test_interrupted_run_leaves_the_old_dataset_valid(tmp_path):
     assert not any((p / "manifest.json").exists() for p in _staging(tmp_path))
 
     # Ctrl-C: the same, and the run cleans up after itself (including the killed run's leftovers).
-    killed_runs_staging = _staging(tmp_path)
     proc = _start_prepare(tmp_path, tmp_path / "new")
-    _wait_for_shards(tmp_path, proc, ignore=killed_runs_staging)
+    _wait_for_a_running_task(proc)
     frozen = _freeze_workers(proc)
     family = descendants(proc.pid)
     # The signal lands while tasks are still pending. The driver's main thread may sleep on a lock

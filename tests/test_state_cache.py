@@ -115,7 +115,9 @@ def test_a_context_continued_gives_what_the_whole_prime_gives(model):
         decoder := decoder_for(model, state_cache_bytes=0), go(decoder))
     assert continued.text == whole.text and len(whole.text) == 80
     assert nothing_new.text == a_alone.text
-    assert all(torch.equal(x, y) for x, y in zip(after_text.tensors, direct.tensors))
+    # Prefill's slices follow the last decode step's time, and an LSTM over another slice length may
+    # round differently in the last bit: the states agree to float32 rounding, the texts exactly.
+    assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(after_text.tensors, direct.tensors))
 
 
 def test_log_probabilities_are_the_models_own(model):
