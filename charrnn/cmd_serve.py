@@ -208,6 +208,8 @@ def _run_serve(args) -> int:
         else:
             print(f"  {curl} {url}/v1/generate -d '{{\"prime\": \"The \", \"max_chars\": 200, \"seed\": 1}}'\n"
                   f"  charrnn query --url {url} --prime 'The ' --stream", flush=True)
+        print(f"  Prometheus metrics: {_metrics_url() if local else 'every node of the cluster (docs/cluster.md)'}",
+              flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -216,6 +218,15 @@ def _run_serve(args) -> int:
         if deployed or local:
             remove_app(args, local)
     return 0
+
+
+def _metrics_url() -> str:
+    """Where this machine's Ray agent exports the replicas' metrics (docs/contracts.md, section 3.2)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    [node] = [n for n in ray.nodes() if n["NodeID"] == here]
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 def _run_query(args) -> int:

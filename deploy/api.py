@@ -36,9 +36,17 @@ class APIError(Exception):
              422: "invalid_request_error", 429: "overloaded_error",
              500: "internal_error", 503: "unavailable_error"}
 
-    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
+    # Why a request was refused, as the rejections metric counts it (deploy/metrics.py): a few fixed
+    # words, never the user's text, so that the metric's label values stay few.
+    REASONS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               409: "session_busy", 413: "body_too_large", 415: "unsupported_media_type", 429: "overloaded"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None,
+                 reason: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
+        # a 422 names the field this API's parser read (never an unknown one's name, which is a 400)
+        self.reason = reason or (f"invalid_{param}" if status == 422 and param else self.REASONS.get(status, "error"))
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"), "param": self.param}}

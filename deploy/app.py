@@ -20,16 +20,17 @@ import uuid
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from ray import serve
 
-from deploy import series_app, source
+from deploy import playground, series_app, source
 from deploy.api import APIError, parse_completion, parse_generate, parse_score, parse_session, parse_session_id
 from deploy.decoder import Decoder, DecoderStopped
 from deploy.ingress import (authorize, builder_arguments, deployment_options, error_response, install_error_handlers,
                             media_type, model_list, overloaded, read_body, read_json, set_up_replica)
 from deploy.limits import RETRY_AFTER_S, Limits
 from deploy.logprobs import choice_logprobs, prompt_logprobs
+from deploy.metrics import RequestMetrics, ServingMetrics
 from deploy.padded_step import PRECISIONS, choose_precision
 from deploy.session_leases import Lease, Sessions
 from deploy.sessions import SessionStore
@@ -41,6 +42,9 @@ logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="charrnn", docs_url=None, redoc_url=None, openapi_url=None)
 install_error_handlers(api)
+api.add_middleware(RequestMetrics)
+
+
 
 
 def _stopped_error(err: DecoderStopped) -> APIError:
@@ -81,7 +85,9 @@ class CharRNNServer:
         precision, why = choose_precision(self.model, limits.max_concurrent, precision)
         self.name, self.limits, self.created = name, limits, int(time.time())
         self.api_key_sha256 = api_key_sha256
+        self.metrics = ServingMetrics.for_replica(name, lambda: self.decoder.stats())
         self.decoder = Decoder(self.model, self.vocab.chars + [UNKNOWN_CHAR], max_batch=limits.max_concurrent,
+                               on_finish=self.metrics.finished,
                                **{"state_cache_bytes": limits.state_cache_mb << 20, "precision": precision,
                                   **(decoder or {})})
         self.sessions = Sessions(sessions, self.decoder, self.model, self._ids)
@@ -107,10 +113,10 @@ class CharRNNServer:
         """Room for `sequences` more and `chars` more characters to prime or score, or 429."""
         capacity = self.limits.max_concurrent + self.limits.max_queued
         if self.decoder.load + sequences > capacity:
-            raise overloaded(f"{self.decoder.load} sequences are decoding or waiting", capacity)
+            raise overloaded(f"{self.decoder.load} sequences are decoding or waiting", capacity, "max_sequences")
         if self.decoder.queued_chars + chars > self.limits.max_queued_chars:
             raise overloaded(f"{self.decoder.queued_chars} characters are waiting to be primed or scored",
-                             self.limits.max_queued_chars)
+                             self.limits.max_queued_chars, "max_queued_chars")
 
     def _submit(self, prompts: list[str], n: int, sampling, sink=None, lease: Lease | None = None) -> list:
         """n sequences per prompt, choice j seeded seed + j, the prompt primed once for all n (from
@@ -153,6 +159,12 @@ class CharRNNServer:
                     s.cancel()
 
     # -- routes -------------------------------------------------------------------------------------
+
+    @api.get("/")
+    async def playground(self):
+        """A page to try the model in a browser (deploy/playground.py); it calls the API like any client."""
+        html, headers = playground.page()
+        return HTMLResponse(html, headers=headers)
 
     @api.get("/healthz")
     async def healthz(self):
@@ -336,8 +348,9 @@ def build_app(model: str, *, name: str | None = None, replicas: int = 1, autosca
     folder = source.resolve(model)
     limits = limits if isinstance(limits, Limits) else Limits(**(limits or {}))
     options = deployment_options(limits, replicas, autoscale, target_ongoing, gpu, num_cpus)
-    sessions = SessionStore.bind(limits.max_sessions, limits.session_ttl_s, limits.max_session_mb << 20)
-    return CharRNNServer.options(**options).bind(folder, name or source.default_name(folder), limits, sessions,
+    name = name or source.default_name(folder)
+    sessions = SessionStore.bind(limits.max_sessions, limits.session_ttl_s, limits.max_session_mb << 20, name)
+    return CharRNNServer.options(**options).bind(folder, name, limits, sessions,
                                                  "cuda" if gpu else "cpu", threads or max(1, int(num_cpus)), decoder,
                                                  api_key_sha256, precision)
 

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 from bisect import bisect_right, insort
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -46,10 +47,12 @@ class DecoderStopped(RuntimeError):
 class Decoder:
     def __init__(self, model: CharRNN, table: list[str], max_batch: int = 64, min_step_batch: int | None = None,
                  flush_chars: int = 32, flush_interval_s: float = 0.25, log_interval_s: float = 10.0,
-                 logger: logging.Logger | None = None, state_cache_bytes: int = 64 << 20, precision: str = "fp32"):
+                 logger: logging.Logger | None = None, state_cache_bytes: int = 64 << 20, precision: str = "fp32",
+                 on_finish: Callable[[Sequence], None] | None = None):
         """`table`: id -> character, for every id the model can produce. `min_step_batch` None:
         measured (deploy/padded_step.py). `state_cache_bytes`: the prefix cache's bound (0: off).
-        `precision`: what decode steps compute in, fp32 or bf16 (primes and scores stay fp32). A
+        `precision`: what decode steps compute in, fp32 or bf16 (primes and scores stay fp32).
+        `on_finish`: called on the event loop with each sequence that finished (its metrics). A
         stream gets its first character at once, then its text
         every `flush_chars` characters or `flush_interval_s` seconds, whichever comes first: each
         chunk costs the replica and Serve's proxy about a millisecond of CPU, so at 64 streams
@@ -83,6 +86,7 @@ class Decoder:
         self._wake: asyncio.Event | None = None
         self._stopped: DecoderStopped | None = None  # set once, when the loop dies
         self._stats = DecoderStats(self.logger, log_interval_s)
+        self._on_finish = on_finish
 
     # -- the caller's side (on the event loop) ------------------------------------------------------
 
@@ -342,6 +346,8 @@ class Decoder:
             seq.sink.put_nowait((seq, None))
         if not seq.done.done():
             seq.done.set_result(seq)
+        if self._on_finish is not None:
+            self._on_finish(seq)
 
     def _fail(self, seq: Sequence, err: BaseException) -> None:
         self._load -= 1

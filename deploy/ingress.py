@@ -29,25 +29,30 @@ def install_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
-        return error_response(err)
+        return _refused(request, err)
 
     @api.exception_handler(HTTPException)
     async def _http_error(request: Request, err: HTTPException):
         message = {404: f"no such route: {request.method} {request.url.path}",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(err.status_code,
                                                                                        str(err.detail))
-        return error_response(APIError(err.status_code, message, headers=err.headers))
+        return _refused(request, APIError(err.status_code, message, headers=err.headers))
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(APIError(400, first.get("msg", "invalid request"), param))
+        return _refused(request, APIError(400, first.get("msg", "invalid request"), param))
 
     @api.exception_handler(Exception)
     async def _internal_error(request: Request, err: Exception):
         logger.exception("charrnn: %s %s failed", request.method, request.url.path)
         return error_response(APIError(500, f"internal error: {type(err).__name__}"))
+
+
+def _refused(request: Request, err: APIError) -> JSONResponse:
+    request.state.rejection = err.reason  # for the metrics middleware, which sees only the response
+    return error_response(err)
 
 
 def set_up_replica(device: str, threads: int | None) -> None:
@@ -110,9 +115,9 @@ async def read_body(request: Request, limit: int, wanted: str) -> bytes:
     return b"".join(chunks)
 
 
-def overloaded(what: str, capacity: int) -> APIError:
+def overloaded(what: str, capacity: int, reason: str) -> APIError:
     return APIError(429, f"the server is busy: {what} (capacity {capacity}); retry in {RETRY_AFTER_S} s",
-                    headers={"Retry-After": str(RETRY_AFTER_S)})
+                    headers={"Retry-After": str(RETRY_AFTER_S)}, reason=reason)
 
 
 def deployment_options(limits, replicas: int = 1, autoscale: tuple[int, int] | None = None,

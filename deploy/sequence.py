@@ -24,7 +24,8 @@ class Sequence:
         self.done = loop.create_future()  # result: self; set once
         self.chars: list[str] = []
         self.emitted = 0  # characters already put on the sink
-        self.last_emit = time.monotonic()
+        self.submitted = self.last_emit = time.monotonic()
+        self.first_char_at: float | None = None  # when its first character was sampled
         self.finish_reason: str | None = None  # "length", "stop", "cancelled"
         self.cancelled = False
         self.context = None  # after the prime: deploy.state_cache.Context
@@ -63,6 +64,8 @@ class Sequence:
                 return True
         if logprob is not None:
             self.logprobs.append(logprob)
+        if not self.chars:
+            self.first_char_at = time.monotonic()
         self.chars.append(char)
         if len(self.chars) >= self.sampling.max_chars:
             self.finish_reason = "length"

@@ -85,7 +85,7 @@ class SeriesServer:
                              self.model.config.features)
         capacity = self.limits.max_concurrent + self.limits.max_queued
         if self.pending >= capacity:
-            raise overloaded(f"{self.pending} forecasts are running or waiting", capacity)
+            raise overloaded(f"{self.pending} forecasts are running or waiting", capacity, "max_forecasts")
         self.pending += 1
         try:
             predicted = await self._forecast_batch(req.history, req.steps)

@@ -17,7 +17,8 @@ def _stored(answer: dict) -> dict:
     if "error" in answer:
         status, message = answer["error"]
         raise APIError(status, message, "session",
-                       headers={"Retry-After": str(RETRY_AFTER_S)} if status in (409, 429) else None)
+                       headers={"Retry-After": str(RETRY_AFTER_S)} if status in (409, 429) else None,
+                       reason="session_limit" if status == 429 else None)
     return answer
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
+from deploy.metrics import SessionMetrics
+
 LEASE_S = 600.0
 
 
@@ -36,10 +38,12 @@ def _error(status: int, message: str) -> dict:
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class SessionStore:
-    def __init__(self, max_sessions: int, ttl_s: int, max_bytes: int):
+    def __init__(self, max_sessions: int, ttl_s: int, max_bytes: int, model: str = ""):
+        """`model`: the served model's name, as the metrics label it."""
         self.max_sessions, self.ttl_s, self.max_bytes = max_sessions, ttl_s, max_bytes
         self._sessions: dict[str, _Session] = {}
         self._bytes = 0
+        self._metrics = SessionMetrics(model)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -48,6 +52,7 @@ class SessionStore:
 
     def _drop(self, sid: str) -> None:
         self._bytes -= len(self._sessions.pop(sid).state)
+        self._metrics.held(len(self._sessions), self._bytes)
 
     def _find(self, sid: str, model: str) -> _Session | dict:
         self._expire()
@@ -67,6 +72,7 @@ class SessionStore:
         sid = "sess_" + secrets.token_urlsafe(18)
         self._sessions[sid] = _Session(model, state, length)
         self._bytes += len(state)
+        self._metrics.held(len(self._sessions), self._bytes)
         return self._info(sid)
 
     def take(self, sid: str, model: str) -> dict:
@@ -87,6 +93,7 @@ class SessionStore:
         if state is not None:
             self._bytes += len(state) - len(session.state)
             session.state, session.length = state, length
+            self._metrics.held(len(self._sessions), self._bytes)
         session.lease, session.used = None, time.monotonic()
         return self._info(sid)
 
