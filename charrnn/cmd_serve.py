@@ -207,7 +207,8 @@ def _run_serve(args) -> int:
             print(f"  {curl} {url}/v1/forecast -d '{{\"history\": [0.0, 0.1, 0.2], \"steps\": 10}}'", flush=True)
         else:
             print(f"  {curl} {url}/v1/generate -d '{{\"prime\": \"The \", \"max_chars\": 200, \"seed\": 1}}'\n"
-                  f"  charrnn query --url {url} --prime 'The ' --stream", flush=True)
+                  f"  charrnn query --url {url} --prime 'The ' --stream\n"
+                  f"  playground (in a browser): {url}/", flush=True)
         print(f"  Prometheus metrics: {_metrics_url() if local else 'every node of the cluster (docs/cluster.md)'}",
               flush=True)
         while True:
