@@ -1,6 +1,10 @@
 """What the text-serving tests share: their limits, a tiny model trained in a plain loop for a few
 seconds (no Ray Train), and HTTP helpers."""
 import json
+import os
+import subprocess
+import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -8,7 +12,7 @@ import requests
 import torch
 import torch.nn.functional as F
 
-from conftest import write_story_corpus
+from conftest import REPO, write_story_corpus
 from models import CharRNN, ModelConfig, save_model
 from pipeline.text.vocab import Vocabulary
 
@@ -63,3 +67,25 @@ def sse(response: requests.Response) -> list:
             data = block[len("data: "):]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+def start_serve(*args, env: dict | None = None, ready: str = "charrnn serve: serving") -> tuple[subprocess.Popen, list]:
+    """`charrnn serve ARGS` in its own process, once a line of its output starts with `ready`: (the
+    process, its output lines, stderr included, which a thread goes on reading so that Ray's logs
+    never fill the pipe). Fails if it exits before."""
+    proc = subprocess.Popen([sys.executable, "-m", "charrnn", "serve", *map(str, args)], cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, came_up = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(ready):
+                came_up.set()
+        came_up.set()  # it exited
+
+    threading.Thread(target=read, daemon=True).start()
+    came_up.wait()
+    assert any(line.startswith(ready) for line in lines), "charrnn serve did not come up:\n" + "".join(lines[-30:])
+    return proc, lines

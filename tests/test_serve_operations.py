@@ -1,13 +1,9 @@
 """What operators and people trying a model see of `charrnn serve`, run as a user runs it: its
 Prometheus metrics, scraped over HTTP from Ray's metrics agent, and its playground page, driven in
 the system's Chromium by Playwright."""
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 import uuid
 
@@ -16,7 +12,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, free_port
-from serving import LIMITS, PRIME, post, sse, train_story_model
+from serving import LIMITS, PRIME, post, sse, start_serve, train_story_model
 
 pytestmark = pytest.mark.slow  # starts `charrnn serve`, with its own local Ray
 KEY = "playground-Key-0123"
@@ -32,30 +28,17 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    """`charrnn serve` with an API key, in its own session: (its URL, its metrics URL, the model's name)."""
+    """`charrnn serve` with an API key: (its URL, its metrics URL, the model's name)."""
     name, port = f"story-{uuid.uuid4().hex[:8]}", free_port()
     limits = [f"--{k.replace('_', '-')}={v}" for k, v in {**LIMITS, "max_sessions": 1, "max_chars": MAX_CHARS}.items()]
-    proc = subprocess.Popen([sys.executable, "-m", "charrnn", "serve", "--model", str(run_dir), "--port", str(port),
-                             "--num-cpus", "2", "--name", name, *limits], cwd=REPO, start_new_session=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", CHARRNN_API_KEY=KEY), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    proc, lines = start_serve("--model", run_dir, "--port", port, "--num-cpus", 2, "--name", name, *limits,
+                              env={"CHARRNN_API_KEY": KEY}, ready="  Prometheus metrics:")
     try:
-        deadline = time.time() + 240
-        while not any("Prometheus metrics:" in line for line in lines):
-            assert proc.poll() is None and time.time() < deadline, "charrnn serve did not come up:\n" + "".join(lines)
-            time.sleep(0.2)
-        metrics_url = next(line for line in lines if "Prometheus metrics:" in line).split()[-1]
+        metrics_url = next(line for line in lines if line.startswith("  Prometheus metrics:")).split()[-1]
         yield f"http://127.0.0.1:{port}", metrics_url, name
     finally:
         proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=120) == 0
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=120) == 0, "".join(lines[-30:])
 
 
 def scrape(metrics_url: str, model: str) -> dict:

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import ray.train
 import torch
 
 from conftest import write_story_corpus
@@ -53,11 +54,38 @@ def records(run_dir) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+class ReportLog(ray.train.UserCallback):
+    """Each Ray Train report's metrics, as its controller sees them, one JSON line per worker."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps({**m, "checkpoint": checkpoint is not None}) + "\n" for m in metrics)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(story_dataset, tmp_path_factory):
-    """An uninterrupted 150-step run: what the resume test compares against, and a learning check."""
+    """An uninterrupted 150-step run: what the resume test compares against, and a learning check.
+    Its Ray Train reports are in run_dir/../reports.jsonl."""
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    return run_dir, train([story_dataset], str(run_dir), {**TINY, "max_steps": 150}, log=lambda m: None)
+    return run_dir, train([story_dataset], str(run_dir), {**TINY, "max_steps": 150, "log_every": 10},
+                          log=lambda m: None, callbacks=[ReportLog(run_dir.parent / "reports.jsonl")])
+
+
+def test_ray_train_gets_the_metrics_every_log_interval_evaluation_and_checkpoint(tiny_run):
+    run_dir, _ = tiny_run
+    reports = [json.loads(l) for l in (run_dir.parent / "reports.jsonl").read_text().splitlines()]
+    checkpoints = set(range(25, 151, 25))
+    assert [r["step"] for r in reports] == sorted(set(range(10, 151, 10)) | checkpoints)
+    assert {r["step"] for r in reports if r["checkpoint"]} == checkpoints
+    logged = {r["step"]: r for r in records(run_dir) if "loss" in r}
+    for report in reports:
+        assert report["loss"] == logged[report["step"]]["loss"] and report["lr"] == pytest.approx(TINY["lr"])
+        assert report["chars_per_s"] > 0
+    assert [r["step"] for r in reports if "val_loss" in r] == [50, 100, 150]
+    assert all(r["val_bpc"] == pytest.approx(r["val_loss"] / math.log(2)) for r in reports if "val_loss" in r)
 
 
 def test_tiny_model_learns_far_below_uniform(tiny_run):
@@ -152,6 +180,8 @@ def test_resumed_run_matches_an_uninterrupted_one_and_keeps_its_options(story_da
     assert all(scalars["val/bits_per_char"][s] == pytest.approx(v / math.log(2), rel=1e-6)
                for s, v in scalars["val/loss"].items())
     assert sorted(scalars["throughput/chars_per_s"]) == list(range(1, 151))
+    assert scalars["train/bits_per_char"][150] == pytest.approx(scalars["train/loss"][150] / math.log(2), rel=1e-6)
+    assert sorted(scalars["train/bits_per_char"]) == list(range(1, 151))
     assert scalars["train/lr"][150] == pytest.approx(TINY["lr"])
 
     # A resume keeps the run's model and data; a fresh run never overwrites one.

@@ -54,22 +54,25 @@ def is_prepared(data: list[str]) -> bool:
 
 
 def train(data: list[str], out: str, options: dict, resume: bool = False, log: Callable[[str], None] = print,
-          before_ray: Callable[[], None] = lambda: None, verbose: bool = False) -> dict:
+          before_ray: Callable[[], None] = lambda: None, verbose: bool = False,
+          callbacks: list[ray.train.UserCallback] = ()) -> dict:
     """Train with `options` (TrainConfig fields; the rest keep their defaults) and return a summary:
     steps, best validation loss, where the model is. With `resume`, the run in `out` continues
     with its saved options, of which only RESUMABLE ones may be changed. `verbose` shows Ray
-    Train's and Ray Data's own progress lines besides this project's."""
+    Train's and Ray Data's own progress lines besides this project's. `callbacks`: Ray Train's,
+    run by its controller; their after_report sees the metrics every --log-every steps, at each
+    evaluation and each checkpoint (where experiment trackers hook in)."""
     if not verbose:
         quiet_ray_logs()
     run_dir = RunFolder(out)
     if not resume:
         check_out_location(run_dir.fs, run_dir.path, out, data)
     with out_lock(run_dir.fs, run_dir.path, out):
-        return _train(run_dir, out, data, options, resume, log, before_ray, verbose)
+        return _train(run_dir, out, data, options, resume, log, before_ray, verbose, list(callbacks))
 
 
 def _train(run_dir: RunFolder, out: str, data: list[str], options: dict, resume: bool, log: Callable[[str], None],
-           before_ray: Callable[[], None], verbose: bool) -> dict:
+           before_ray: Callable[[], None], verbose: bool, callbacks: list) -> dict:
     config, data = _options(run_dir, out, data, options, resume, log)
     task = TASKS[config.task]
     dataset = _dataset(run_dir, data, task, log, before_ray)
@@ -78,7 +81,7 @@ def _train(run_dir: RunFolder, out: str, data: list[str], options: dict, resume:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     job = _job(config, task, dataset, run_dir, cpus, verbose, log)
     try:
-        result = _fit(_trainer(job, run_dir, cpus))
+        result = _fit(_trainer(job, run_dir, cpus, callbacks))
     except ray.train.TrainingFailedError as err:
         raise TrainingError(f"training failed after {config.max_failures} restart(s): {_first_line(err)}") from None
     finally:
@@ -150,7 +153,7 @@ def _job(config: TrainConfig, task, dataset, run_dir: RunFolder, cpus: int, verb
                threads=config.threads_per_worker or max(1, cpus // config.workers), verbose=verbose)
 
 
-def _trainer(job: Job, run_dir: RunFolder, cpus: int) -> TorchTrainer:
+def _trainer(job: Job, run_dir: RunFolder, cpus: int, callbacks: list) -> TorchTrainer:
     config = job.config
     return TorchTrainer(
         train_loop_per_worker,
@@ -166,6 +169,7 @@ def _trainer(job: Job, run_dir: RunFolder, cpus: int) -> TorchTrainer:
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": WORKER_ENV},
+            callbacks=callbacks,
             # Ray Train's lines at every report and checkpoint: with --verbose only.
             logging_config=ray.train.LoggingConfig(log_level="INFO" if job.verbose else "WARNING"),
         ),

@@ -7,9 +7,11 @@ TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", 
 
 
 class TensorBoardLog:
-    def __init__(self, folder: str, resumed_at: int):
+    def __init__(self, folder: str, resumed_at: int, bits: bool):
+        """`bits`: a text task's, whose training loss is also written in bits per character."""
         from tensorboardX import SummaryWriter
 
+        self.bits = bits
         # A resumed run steps again from its checkpoint: the events a crashed session wrote after it are dropped.
         self.writer = SummaryWriter(folder, purge_step=resumed_at + 1 if resumed_at else None)
 
@@ -20,7 +22,7 @@ class TensorBoardLog:
                 self.writer.add_scalar(TAGS[key], value, step)
             elif key.endswith("_per_s"):
                 self.writer.add_scalar(f"throughput/{key}", value, step)
-        if "loss" in record and "val_bpc" in record:  # a text task: its train loss in bits too
+        if "loss" in record and self.bits:
             self.writer.add_scalar("train/bits_per_char", record["loss"] / 0.6931471805599453, step)
 
     def flush(self) -> None:

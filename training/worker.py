@@ -74,7 +74,7 @@ class _Worker:
                                                         job.total_steps)
         self.metrics_log = MetricsLog(self.run_dir) if self.rank == 0 else None
         self.position, saved_lanes = self._restore(model)
-        self.tensorboard = (TensorBoardLog(self.config.tensorboard, self.position.step)
+        self.tensorboard = (TensorBoardLog(self.config.tensorboard, self.position.step, bits=self.task.name == "text")
                             if self.rank == 0 and self.config.tensorboard else None)
         self.ddp_model = ray.train.torch.prepare_model(model)
         self.module = self.ddp_model.module if hasattr(self.ddp_model, "module") else self.ddp_model
@@ -183,7 +183,9 @@ class _Worker:
         self.position.best_val_loss = min(self.position.best_val_loss, val_loss)
 
     def _report(self, record: dict, done: bool) -> None:
-        """Rank 0 logs the step; every rank checkpoints every --checkpoint-every steps and at the end."""
+        """Rank 0 logs the step; every rank checkpoints every --checkpoint-every steps and at the end,
+        and reports to Ray Train every --log-every steps and at evaluations (Result.metrics and Ray
+        Train's UserCallbacks see these; each report waits for every rank, so not at every step)."""
         checkpointing = record["step"] % self.config.checkpoint_every == 0 or done
         if self.rank == 0:
             self._log_step(record)
@@ -193,6 +195,8 @@ class _Worker:
                     self.tensorboard.flush()
         if checkpointing:
             self._checkpoint(record)
+        elif record["step"] % self.config.log_every == 0 or "val_loss" in record:
+            ray.train.report(_numbers(record))
 
     def _log_step(self, record: dict) -> None:
         self.metrics_log.append(record)
@@ -224,7 +228,7 @@ class _Worker:
         stream, position = self.stream, self.position
         # The stream counts the data position as it goes; the saved position takes it as of now.
         position.epoch, position.taken, position.world = stream.epoch, stream.taken, self.world
-        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        metrics = _numbers(record)
         with tempfile.TemporaryDirectory() as folder:
             save_lanes(folder, self.rank, self.world, stream.epoch, stream.taken, self.lanes.remainders(), self.state)
             if self.rank == 0:
@@ -232,6 +236,11 @@ class _Worker:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"checkpoint-{position.step:09d}")
         _log(self.rank, f"checkpoint at step {position.step}")
+
+
+def _numbers(record: dict) -> dict:
+    """A step record's figures, as Ray Train takes them."""
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
