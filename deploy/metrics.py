@@ -10,6 +10,7 @@ nothing is recorded on the step thread."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from ray.serve.metrics import Counter, Gauge, Histogram
@@ -21,6 +22,7 @@ BATCH_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 CHAR_KINDS = {"primed": "prime_chars", "generated": "chars", "scored": "scored_chars"}  # label: stats() key
 CACHE_EVENTS = ("lookups", "hits", "chars_saved", "evictions")
 
+logger = logging.getLogger("ray.serve")
 _replica: ServingMetrics | None = None  # this process's; a Serve replica is a process of its own
 
 
@@ -86,7 +88,10 @@ class ServingMetrics:
 
     async def _publish_every(self) -> None:
         while True:
-            self.publish(self.stats())
+            try:
+                self.publish(self.stats())
+            except Exception:  # the figures may lag; the replica serves on
+                logger.exception("charrnn: publishing metrics failed")
             await asyncio.sleep(PUBLISH_INTERVAL_S)
 
     def publish(self, now: dict) -> None:
