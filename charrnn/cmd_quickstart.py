@@ -94,7 +94,8 @@ def _run_quickstart(args) -> int:
         print(f"next: charrnn sample --model {run_dir} --prime 'def ' --top-k 5   "
               f"or   charrnn serve --model {run_dir}", flush=True)
         if args.keep_serving:
-            say(f"serving on {url} until Ctrl-C (charrnn query --url {url} --prime 'def ' --stream)")
+            say(f"serving on {url} until Ctrl-C: open {url}/ in a browser, or "
+                f"charrnn query --url {url} --prime 'def ' --stream")
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
