@@ -55,6 +55,12 @@ def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         raise StorageError(f"cannot open {public_location(location)}: {redact_uris(str(err))}") from None
 
 
+def absolute_location(location: str) -> str:
+    """`location` as every process reads it alike: a local path made absolute (Ray's workers do not
+    run in this process's folder), a URI unchanged."""
+    return location if is_uri(location) else resolve_filesystem(location)[1]
+
+
 def join_location(location: str, name: str) -> str:
     """`name` inside the folder `location`: a local path, or a URI whose query (endpoint_override=...)
     stays at the end."""

@@ -229,8 +229,9 @@ def test_console_shows_progress_evaluations_and_checkpoints_and_verbose_shows_ra
         assert line in console
     assert not [chatter for chatter in RAY_CHATTER if chatter in console], console
 
-    verbose = run_cli("train", "--data", tmp_path / "quiet" / "data", "--out", tmp_path / "verbose", *CLI_TINY,
-                      "--verbose", "--precision", "bf16", "--no-shuffle")
+    # Relative folders, as the README's commands give them: Ray's workers run elsewhere.
+    verbose = run_cli("train", "--data", "quiet/data", "--out", "verbose", *CLI_TINY, "--verbose", "--precision",
+                      "bf16", "--no-shuffle", cwd=tmp_path)
     assert verbose.returncode == 0, verbose.stderr
     console = verbose.stdout + verbose.stderr
     assert "Reporting training result" in console and "[train] precision bf16: --precision bf16" in console

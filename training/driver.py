@@ -24,7 +24,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.shards import MANIFEST
 from pipeline.text.prepare import prepare
-from storage import check_out_location, is_uri, out_lock, public_location, redact_uris, with_access_of
+from storage import (absolute_location, check_out_location, is_uri, out_lock, public_location, redact_uris,
+                     with_access_of)
 from training.config import TrainConfig, TrainingError
 from training.console import quiet_ray_logs
 from training.job import Job
@@ -148,7 +149,9 @@ def _job(config: TrainConfig, task, dataset, run_dir: RunFolder, cpus: int, verb
     log(f"training {config.cell} {config.layers}x{config.hidden} on {train_points:,} {task.unit} "
         f"({steps_per_epoch:,} steps per epoch), {total_steps:,} steps, {config.workers} worker(s), "
         f"batch {config.batch} (global) x seq {config.seq}")
-    return Job(config=config, spec=task.spec(dataset, config), train_points=train_points, data=dataset.location,
+    # Absolute: Ray's workers do not run in this process's folder.
+    return Job(config=config, spec=task.spec(dataset, config), train_points=train_points,
+               data=absolute_location(dataset.location),
                run_dir=run_dir.location, total_steps=total_steps,
                threads=config.threads_per_worker or max(1, cpus // config.workers), verbose=verbose)
 

@@ -15,7 +15,7 @@ from typing import Callable
 import pyarrow.fs as pafs
 
 from models.folder import CONFIG, FORMAT, WEIGHTS
-from storage import Kind, is_uri, join_location, make_way, resolve_filesystem, staged
+from storage import Kind, absolute_location, join_location, make_way, resolve_filesystem, staged
 
 CHECKPOINTS = "ray"  # Ray Train's experiment folder under the run folder
 METRICS = "metrics.jsonl"
@@ -28,7 +28,7 @@ class RunFolder:
 
     def __init__(self, location: str):
         self.fs, self.path = resolve_filesystem(location)
-        self.location = location if is_uri(location) else self.path
+        self.location = absolute_location(location)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def uri(self, name: str) -> str:
