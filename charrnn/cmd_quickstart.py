@@ -47,6 +47,7 @@ def _run_quickstart(args) -> int:
     from deploy.app import build_app
     from deploy.client import CharRNNClient
     from pipeline.text.prepare import PrepareOptions, prepare
+    from training.console import quiet_ray_logs
     from training.driver import train
 
     if args.minutes <= 0:
@@ -60,6 +61,7 @@ def _run_quickstart(args) -> int:
     run_dir = next(out / f"run-{n}" for n in range(1, 10**6) if not (out / f"run-{n}").exists())
     say = lambda message: print(f"[quickstart {time.monotonic() - started:5.0f}s] {message}", flush=True)
     connect(args.address, args.num_cpus)
+    quiet_ray_logs()  # Ray Data's execution lines too: the stages' own lines are the show
 
     say(f"1/4 preparing {' '.join(args.corpus) or 'the standard library'} into {out / 'data'}")
     # Rare characters (the corpus has a few hundred) share the unknown id: a small softmax learns faster.
