@@ -20,9 +20,9 @@ def add_commands(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve a trained model over HTTP with Ray Serve (OpenAI-compatible completions too)",
         description="Serve a model folder over HTTP until Ctrl-C: POST /v1/generate, /v1/completions (OpenAI), "
-                    "/v1/score, /v1/sessions; GET /v1/models, /healthz, /v1/stats. "
-                    "Concurrent requests are decoded together, "
-                    "one batched step for all of them (continuous batching). A time-series model folder gets "
+                    "/v1/score, /v1/sessions; GET /v1/models, /healthz, /v1/stats, and / (a page to try the "
+                    "model in a browser). Concurrent requests are decoded together, one batched step for all of "
+                    "them (continuous batching). A time-series model folder gets "
                     "POST /v1/forecast, GET /v1/models, /healthz instead, concurrent requests forecast together. "
                     "docs/contracts.md, sections 3 and 4.4, define the API.")
     p.add_argument("--model", required=True, metavar="RUN_DIR",
