@@ -297,12 +297,12 @@ print(default, applied, faults_per_round())
 
 def test_a_training_thread_in_a_ray_worker_does_not_refault_its_buffers(ray_local):
     """In the environment the driver gives Train's workers, a step run in a thread of the worker (as
-    Ray Train runs the loop) reuses its activation buffers: without it, this step faulted about
-    180,000 to 200,000 pages each time here (BENCHMARKS.md, session 16)."""
+    Ray Train runs the loop) reuses its activation buffers: without it, every step faulted about
+    180,000 to 200,000 pages here (BENCHMARKS.md, session 16)."""
     from training.driver import WORKER_ENV
 
     @ray_local.remote(runtime_env={"env_vars": WORKER_ENV})
-    def faults_per_step() -> float:
+    def fewest_faults_in_a_step() -> int:
         import resource
         import threading
 
@@ -318,26 +318,28 @@ def test_a_training_thread_in_a_ray_worker_does_not_refault_its_buffers(ray_loca
         model = CharRNN(config)
         optimizer = torch.optim.Adam(model.parameters(), 1e-3)
         batch = torch.randint(83, (128, 101))
-        found = []
+        faults = []
 
         def steps():
-            for i in range(7):
-                if i == 4:  # after four warm-up steps: the heap has settled
-                    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+            for _ in range(9):
+                before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
                 logits, _ = model(batch[:, :-1])
                 loss = F.cross_entropy(logits.reshape(-1, 83), batch[:, 1:].reshape(-1))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            found.append((resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before) / 3)
+                faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
 
         thread = threading.Thread(target=steps)
         thread.start()
         thread.join()
-        return found[0]
+        return min(faults[4:])  # after four warm-up steps the heap has settled
 
-    # Measured 1,100 to 20,600 with it, 180,000 to 198,000 without (bench/worker_faults.py).
-    assert ray_local.get(faults_per_step.remote()) < 50_000
+    # The fewest in a step, not the mean: a step that reuses its buffers faults almost nothing, and
+    # one that maps them afresh faults them all, so the minimum tells the two apart even when
+    # something else on the machine disturbs a step (a mean of 61,000 was seen in CI once).
+    # Measured 1,100 to 20,600 a step with it, 180,000 to 198,000 without (bench/worker_faults.py).
+    assert ray_local.get(fewest_faults_in_a_step.remote()) < 50_000
 
 
 def test_a_torn_last_metrics_line_breaks_neither_resume_nor_the_plot(tmp_path):
