@@ -23,6 +23,7 @@ import os
 import posixpath
 import re
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -265,6 +266,17 @@ def make_way(fs: pafs.FileSystem, path: str, shown: str, kind: Kind, flag: str =
             delete_quietly(fs, leftover.path)
 
 
+_interrupted = threading.Event()
+
+
+def publish_nothing_more() -> None:
+    """After Ctrl-C or SIGTERM: this process publishes no staged folder from now on. The
+    KeyboardInterrupt the signal raises could otherwise be lost on its way: Python drops an
+    exception raised inside a finalizer, and a signal can land in one (Ray Data shuts its
+    executors down from `__del__`), letting the interrupted command finish and publish."""
+    _interrupted.set()
+
+
 @contextlib.contextmanager
 def staged(fs: pafs.FileSystem, path: str, marker: str, folders: tuple[str, ...] = ()) -> Iterator[str]:
     """A staging folder (with `folders` made in it) to write into, `marker` last; published at `path`
@@ -277,6 +289,8 @@ def staged(fs: pafs.FileSystem, path: str, marker: str, folders: tuple[str, ...]
         fs.create_dir(f"{staging}/{folder}", recursive=True)
     try:
         yield staging
+        if _interrupted.is_set():
+            raise KeyboardInterrupt
         if fs.type_name in RENAMES_FOLDERS:
             _swap_by_rename(fs, staging, path)
         else:

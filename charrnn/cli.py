@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from charrnn.ray_session import is_local, require_token_for_local_ray, stop_on_sigterm
+from charrnn.ray_session import is_local, require_token_for_local_ray, stop_on_signals
 from charrnn import cmd_data, cmd_forecast, cmd_model, cmd_quickstart, cmd_serve, cmd_submit, cmd_train
 
 
@@ -33,7 +33,7 @@ def _is_user_error(err: Exception) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    stop_on_sigterm()
+    stop_on_signals()
     if is_local(getattr(args, "address", None)):
         require_token_for_local_ray()
     try:

@@ -18,14 +18,20 @@ def add_address_option(parser) -> None:
                         help="CPUs for the local Ray (default: all of this machine's); ignored with --address")
 
 
-def stop_on_sigterm() -> None:
+def stop_on_signals() -> None:
     """SIGTERM (a service manager, `kill`, a container stop) ends a command as Ctrl-C does: its
     cleanup runs and every process it started ends with it. Set again after ray.init, whose core
-    worker installs a handler of its own that aborts the process."""
+    worker installs a handler of its own that aborts the process. Both signals also stop any
+    later publish (storage.publish_nothing_more), in case their KeyboardInterrupt gets lost."""
     signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
 
 
 def _interrupt(signum, frame):
+    from storage import publish_nothing_more  # light: no Ray, no torch
+
+    publish_nothing_more()
     raise KeyboardInterrupt
 
 
@@ -62,7 +68,7 @@ def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = 
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         kwargs.update(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1")
     ray.init(address=address, **kwargs)
-    stop_on_sigterm()
+    stop_on_signals()
     if address == "local":
         # After Ray's own exit hook, so these run before it (last in, first out): note, then end.
         atexit.register(_end_local_ray)

@@ -129,3 +129,32 @@ def test_a_model_saved_in_place_and_cut_short_is_no_model(tmp_path):
         load_model(tmp_path / "model")
     save_model(CharRNN(config), config, vocab, tmp_path / "model", info={"step": 2})  # ours: replaced
     assert load_model(tmp_path / "model")[3] == {"step": 2}
+
+
+def test_an_interrupt_lost_in_a_finalizer_still_stops_the_publish(tmp_path):
+    """Python drops an exception raised in `__del__`; a Ctrl-C landing in one (Ray Data shuts its
+    executors down from `__del__`) must still keep the command from publishing what it staged."""
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+import pyarrow.fs as pafs
+from charrnn.ray_session import stop_on_signals
+from storage import staged
+
+stop_on_signals()
+
+class ShutsDownLate:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, inside the finalizer
+
+ShutsDownLate()  # collected at once: its KeyboardInterrupt is printed and dropped
+try:
+    with staged(pafs.LocalFileSystem(), {str(tmp_path / "out")!r}, "manifest.json") as staging:
+        open(staging + "/manifest.json", "w").write("{{}}")
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "Exception ignored" in done.stderr and "KeyboardInterrupt" in done.stderr, done.stderr
+    assert done.returncode == 130, done.stderr
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
