@@ -198,7 +198,7 @@ def bare_loop(job: dict) -> None:
 
     from models import CharRNN, ModelConfig
     from pipeline.text.dataset import PreparedDataset
-    from training.step import choose_precision, keep_freed_memory, make_optimizer, train_step
+    from training.step import choose_training_precision, keep_freed_memory, make_optimizer, train_step
     from training.windows import EpochStream, windows
 
     cfg, cpu = job["cfg"], torch.device("cpu")
@@ -214,7 +214,7 @@ def bare_loop(job: dict) -> None:
     state, ends, compute, spent = model.init_state(cfg["batch"]), [], [], 0.0
     batches = windows(EpochStream(lambda epoch: runs), cfg["batch"], cfg["seq"])
     first = next(batches)
-    precision, why = choose_precision(job["precision"], model, first, state, cpu)  # as the stack's worker does
+    precision, why = choose_training_precision(job["precision"], model, first, state, cpu)  # as the stack's worker does
     for window in itertools.chain([first], batches):
         started = time.perf_counter()
         loss, grad_norm, state = train_step(model, optimizer, scheduler, window, state, 5.0, cpu, precision)

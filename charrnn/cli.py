@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 # The errors that are the user's to fix (one line, exit 2), by the module defining each. A command
 # imports only what it needs, so a bad argument fails fast; an error's class is loaded if it was raised.
 USER_ERRORS = {"charrnn.errors": "CommandError", "storage": "StorageError", "pipeline.errors": "CorpusError",
-               "models.folder": "ModelFolderError", "training.config": "TrainingError"}
+               "models.folder": "ModelFolderError", "models.precision": "PrecisionError",
+               "training.config": "TrainingError"}
 
 
 def _is_user_error(err: Exception) -> bool:

@@ -176,6 +176,12 @@ def _run_serve(args) -> int:
     except ValueError as err:  # ModelFolderError is one too: it names the folder
         raise CommandError(str(err))
     local = is_local(args.address)
+    if local and task == "text" and not args.gpu and args.precision != "auto":  # replicas decode on this CPU
+        import torch
+
+        from models import require_precision
+
+        require_precision(args.precision, torch.device("cpu"))
     if local:  # the proxy will run on this machine: say so now if the port is taken
         try:
             with socket.create_server((args.host, args.port)):

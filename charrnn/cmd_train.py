@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from charrnn.ray_session import add_address_option, connect
+from charrnn.ray_session import add_address_option, connect, is_local
 
 
 def add_commands(sub) -> None:
@@ -76,6 +76,13 @@ def _run_train(args) -> int:
     from training.config import TrainConfig
     from training.driver import train
 
+    asked = vars(args)  # options not given are absent: a resumed run keeps its own
+    if asked.get("precision") == "bf16" and not asked.get("gpu") and is_local(args.address):  # workers: this CPU
+        import torch
+
+        from models import require_precision
+
+        require_precision("bf16", torch.device("cpu"))
     fields = TrainConfig.__dataclass_fields__
     options = {k: v for k, v in vars(args).items() if k in fields}
     summary = train(args.data or [], args.out, options, resume=args.resume,

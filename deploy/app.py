@@ -31,9 +31,10 @@ from deploy.ingress import (authorize, builder_arguments, deployment_options, er
 from deploy.limits import RETRY_AFTER_S, Limits
 from deploy.logprobs import choice_logprobs, prompt_logprobs
 from deploy.metrics import RequestMetrics, ServingMetrics
-from deploy.padded_step import PRECISIONS, choose_precision
+from deploy.padded_step import choose_decode_precision
 from deploy.session_leases import Lease, Sessions
 from deploy.sessions import SessionStore
+from models import PRECISIONS
 from models.generate import bits_per_char
 from storage import public_location
 from pipeline.text.vocab import UNKNOWN_CHAR
@@ -82,7 +83,7 @@ class CharRNNServer:
                  precision: str = "auto"):
         set_up_replica(device, threads)
         self.model, self.vocab, _ = source.load(folder, device)
-        precision, why = choose_precision(self.model, limits.max_concurrent, precision)
+        precision, why = choose_decode_precision(self.model, limits.max_concurrent, precision)
         self.name, self.limits, self.created = name, limits, int(time.time())
         self.api_key_sha256 = api_key_sha256
         self.metrics = ServingMetrics.for_replica(name, lambda: self.decoder.stats())

@@ -8,14 +8,11 @@ matrix kernel, whose float rounding differs, which could flip a sample). It is m
 Pure PyTorch: no asyncio, no Ray."""
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
 
-from models import CharRNN, native_bf16
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from models import CharRNN, autocast, choose_precision
 
 
 def state_map(fn, *states):
@@ -23,13 +20,6 @@ def state_map(fn, *states):
     if isinstance(states[0], tuple):
         return tuple(fn(*parts) for parts in zip(*states))
     return fn(*states)
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast (the weights and the state stay float32), or plain float32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def padded_step(model: CharRNN, ids: torch.Tensor, state, min_rows: int, precision: str = "fp32"):
@@ -48,28 +38,23 @@ def padded_step(model: CharRNN, ids: torch.Tensor, state, min_rows: int, precisi
 
 
 @torch.inference_mode()
-def choose_precision(model: CharRNN, rows: int, requested: str) -> tuple[str, str]:
-    """(precision to decode in, why). `auto` takes bf16 where the hardware has it natively and a
-    short probe (a step of `rows` rows, best of 20) measures it at least 10% faster than float32.
-    bf16 changes the text a seed gives (not its distribution's shape: the same network, rounded)."""
+def choose_decode_precision(model: CharRNN, rows: int, requested: str) -> tuple[str, str]:
+    """(precision to decode in, why): models.choose_precision, whose `auto` probes a step of
+    `rows` rows, best of 20. bf16 changes the text a seed gives (not its distribution's shape: the
+    same network, rounded)."""
     device = model.head.weight.device
-    if requested != "auto":
-        native = "" if requested == "fp32" or native_bf16(device) else " (no native bf16 here: emulated, slow)"
-        return requested, f"--precision {requested}{native}"
-    if not native_bf16(device):
-        return "fp32", f"auto: fp32 (no native bf16 on this {device.type})"
     ids = torch.zeros(rows, dtype=torch.long, device=device)
-    state, timings = model.init_state(rows), {}
-    for precision in ("fp32", "bf16"):
+    state = model.init_state(rows)
+
+    def probe_ms(precision: str) -> float:
         best = float("inf")
         for _ in range(20):
             start = time.perf_counter()
             padded_step(model, ids, state, rows, precision)
             best = min(best, time.perf_counter() - start)
-        timings[precision] = 1e3 * best
-    chosen = "bf16" if timings["bf16"] < 0.9 * timings["fp32"] else "fp32"
-    return chosen, (f"auto: {chosen} (a step of {rows} rows: fp32 {timings['fp32']:.2f} ms, "
-                    f"bf16 {timings['bf16']:.2f} ms)")
+        return 1e3 * best
+
+    return choose_precision(requested, device, probe_ms, f"a step of {rows} rows")
 
 
 @torch.inference_mode()

@@ -3,10 +3,11 @@
 from .charrnn import CharRNN, ModelConfig, detach_state, reset_state_rows
 from .folder import ModelFolderError, load_model, load_series_model, model_task, save_model, save_series_model
 from .generate import generate, score
-from .precision import native_bf16
+from .precision import PRECISIONS, PrecisionError, autocast, choose_precision, native_bf16, require_precision
 from .sampling import sample_next
 from .series import Normalization, SeriesConfig, SeriesRNN, forecast
 
 __all__ = ["CharRNN", "ModelConfig", "detach_state", "reset_state_rows", "ModelFolderError",
            "load_model", "save_model", "sample_next", "generate", "score", "load_series_model", "model_task",
-           "save_series_model", "Normalization", "SeriesConfig", "SeriesRNN", "forecast", "native_bf16"]
+           "save_series_model", "Normalization", "SeriesConfig", "SeriesRNN", "forecast", "native_bf16",
+           "PRECISIONS", "PrecisionError", "autocast", "choose_precision", "require_precision"]

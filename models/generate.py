@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .charrnn import CharRNN
+from .precision import autocast, require_precision
 from .sampling import sample_next
 
 
@@ -43,12 +44,11 @@ def score(model: CharRNN, ids: list[int], chunk: int = 4096, lanes: int = 1, bur
     tokens come; the loss then differs from one stream's only by the context beyond burn_in.
     `precision` "bf16" runs the network under bf16 autocast (the losses are summed in float32):
     faster where the hardware has bf16, and not exactly float32's figure."""
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    device = model.head.weight.device
+    require_precision(precision, device)
     targets = max(len(ids) - 1, 0)
     lanes = max(1, min(lanes, targets))
     model.eval()
-    device = model.head.weight.device
     if lanes == 1:
         inputs = torch.tensor([ids[:-1]], device=device)
         labels = torch.tensor([ids[1:]], device=device)
@@ -57,7 +57,7 @@ def score(model: CharRNN, ids: list[int], chunk: int = 4096, lanes: int = 1, bur
         inputs, labels = inputs.to(device), labels.to(device)
     total, state, step = 0.0, None, max(1, chunk // lanes)
     for start in range(0, inputs.shape[1], step):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(device, precision):
             logits, state = model(inputs[:, start : start + step], state)
         total += F.cross_entropy(logits.float().flatten(0, 1), labels[:, start : start + step].flatten(),
                                  ignore_index=-100, reduction="sum").item()

@@ -10,6 +10,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def _bf16_runs_on_cpu() -> bool:
+    import torch
+
+    from models.precision import bf16_runs
+
+    return bf16_runs(torch.device("cpu"))
+
+
+BF16_RUNS = _bf16_runs_on_cpu()
+# bf16 on a CPU needs AVX-512 (oneDNN's LSTM kernels); machines differ from run to run.
+needs_bf16 = pytest.mark.skipif(not BF16_RUNS, reason="bf16 cannot run on this CPU (no AVX-512)")
+
+
 def pytest_collection_modifyitems(items):
     """A test on the session's Ray is in the slow tier, as are the modules marked slow (pyproject.toml)."""
     for item in items:
@@ -47,7 +60,7 @@ def free_port() -> int:
 
 def run_cli(*args, timeout=300, **kwargs) -> subprocess.CompletedProcess:
     """`charrnn ARGS` in a real process, as a user runs it."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **kwargs.pop("env", {}))
     return subprocess.run([sys.executable, "-m", "charrnn", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=kwargs.pop("cwd", REPO), **kwargs)
 

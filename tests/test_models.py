@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import needs_bf16
+
 from models import (CharRNN, ModelConfig, ModelFolderError, detach_state, load_model,
                     reset_state_rows, sample_next, save_model)
 
@@ -349,6 +351,7 @@ def test_score_in_lanes_is_one_streams_loss():
     assert score(model, ids, lanes=8, burn_in=0)[0] != pytest.approx(one_stream[0], rel=1e-6)
 
 
+@needs_bf16
 def test_score_in_bf16_is_close_to_float32_and_not_equal():
     from models import score
 

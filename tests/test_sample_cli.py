@@ -1,11 +1,14 @@
 """charrnn sample / eval: local use of a model folder, and their one-line errors."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import error_line, run_cli
+from conftest import BF16_RUNS, REPO, error_line, run_cli
 from models import CharRNN, ModelConfig, save_model
 from pipeline.text.vocab import Vocabulary
 
@@ -92,6 +95,29 @@ def test_eval_of_a_long_file_runs_in_lanes_with_one_streams_loss(model_dir, tmp_
     loss = lambda r: float(r.stdout.split("loss ")[1].split()[0])
     assert loss(lanes) == pytest.approx(loss(one), abs=0.01)
     bf16 = run_cli("eval", "--model", model_dir, "--precision", "bf16", tmp_path / "long.txt")
+    if not BF16_RUNS:  # this CPU cannot (no AVX-512): the command says so in one line
+        assert bf16.returncode == 2 and "--precision bf16 cannot run on this CPU" in error_line(bf16)
+        return
     assert bf16.returncode == 0, bf16.stderr
     assert "(4 lanes, 1,024 characters of burn-in each, bf16)" in bf16.stdout
     assert loss(bf16) == pytest.approx(loss(one), abs=0.02)
+
+
+# oneDNN's own switch: its kernels stop at AVX2, as on a CPU without AVX-512.
+NO_AVX512 = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def test_bf16_where_it_cannot_run_is_a_one_line_error_before_any_work(model_dir, tmp_path):
+    probe = "import torch; from models.precision import bf16_runs; print(bf16_runs(torch.device('cpu')))"
+    runs = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env=dict(os.environ, **NO_AVX512))
+    if runs.stdout.strip() != "False":
+        pytest.skip(f"bf16 still runs with oneDNN held to AVX2 here: {runs.stdout.strip()} {runs.stderr[-200:]}")
+    (tmp_path / "text.txt").write_text("some text to score\n" * 50)
+    for command in (["eval", "--model", model_dir, "--precision", "bf16", tmp_path / "text.txt"],
+                    ["train", "--data", tmp_path / "absent", "--out", tmp_path / "run", "--precision", "bf16"],
+                    ["serve", "--model", model_dir, "--precision", "bf16"]):
+        done = run_cli(*command, env=NO_AVX512)
+        line = error_line(done)
+        assert done.returncode == 2 and f"charrnn {command[0]}: error: --precision bf16 cannot run on this CPU" in line
+    assert not (tmp_path / "run").exists()

@@ -19,7 +19,7 @@ import requests
 import torch
 import yaml
 
-from conftest import REPO, alive, descendants, error_line, free_port, run_cli
+from conftest import REPO, alive, descendants, error_line, free_port, needs_bf16, run_cli
 from deploy.decoder import Decoder, Sampling, Sequence
 from deploy.limits import Limits
 from deploy.padded_step import padded_step
@@ -106,7 +106,7 @@ def test_decoder_cancel_frees_the_place(run_dir):
         decoder.close()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_bf16)])
 def test_decoder_same_seed_same_text_alone_or_in_a_crowd(run_dir, precision):
     model, _, vocab_json, _ = load_model(run_dir / "model")
     vocab = Vocabulary.from_json(vocab_json)

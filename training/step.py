@@ -2,7 +2,6 @@
 a Ray Train worker, in a test and in a bare GPU timing script."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import ctypes
 import math
@@ -12,11 +11,9 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from models import detach_state, native_bf16, reset_state_rows
+from models import autocast, choose_precision, detach_state, reset_state_rows
 from training.windows import IGNORE, Window
 
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def keep_freed_memory() -> bool:
@@ -34,25 +31,17 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-def autocast_for(device: torch.device, precision: str = "fp32"):
-    """bf16 autocast (the weights, the gradients and Adam's state stay float32), or plain float32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def choose_training_precision(requested: str, model, window: Window, state, device) -> tuple[str, str]:
+    """(precision to train in, why): models.choose_precision, whose `auto` probes forward +
+    backward of this very batch."""
+    timings = {}
 
+    def probe_ms(precision: str) -> float:
+        if not timings:
+            timings.update(probe_precision(model, window, state, device))
+        return timings[precision]
 
-def choose_precision(requested: str, model, window: Window, state, device) -> tuple[str, str]:
-    """(precision to train in, why): `auto` takes bf16 where the hardware has it natively and a
-    short probe on this very batch measures it at least 10% faster than float32."""
-    if requested != "auto":
-        native = "" if requested == "fp32" or native_bf16(device) else " (no native bf16 here: emulated, slow)"
-        return requested, f"--precision {requested}{native}"
-    if not native_bf16(device):
-        return "fp32", f"auto: fp32 (no native bf16 on this {device.type})"
-    timings = probe_precision(model, window, state, device)
-    chosen = "bf16" if timings["bf16"] < 0.9 * timings["fp32"] else "fp32"
-    return chosen, (f"auto: {chosen} (forward+backward of this batch: fp32 {timings['fp32']:.0f} ms, "
-                    f"bf16 {timings['bf16']:.0f} ms)")
+    return choose_precision(requested, device, probe_ms, "forward+backward of this batch")
 
 
 def probe_precision(model, window: Window, state, device, repeats: int = 3) -> dict:
@@ -97,7 +86,7 @@ def window_loss(model, window: Window, state, device, precision: str = "fp32"):
     """Mean loss over the window's real targets, and the state after it."""
     inputs, targets, reset = to_tensors(window, device)
     state = reset_state_rows(detach_state(state), reset)
-    with autocast_for(device, precision):
+    with autocast(device, precision):
         outputs, state = model(inputs, state)
     total, count = loss_sum(outputs, targets)
     return total / count.clamp(min=1), state
@@ -123,7 +112,7 @@ def evaluate(model, windows: Iterable[Window], device, state=None, precision: st
     for window in windows:
         inputs, targets, reset = to_tensors(window, device)
         state = model.init_state(len(window.inputs)) if state is None else reset_state_rows(state, reset)
-        with autocast_for(device, precision):
+        with autocast(device, precision):
             outputs, state = model(inputs, state)
         window_total, window_count = loss_sum(outputs, targets)
         total += window_total.item()

@@ -23,7 +23,7 @@ from training.console import quiet_ray_logs
 from training.job import Job, Position
 from training.order import epoch_runs, validation_runs
 from training.run_folder import MetricsLog, RunFolder
-from training.step import choose_precision, evaluate, keep_freed_memory, make_optimizer, train_step
+from training.step import choose_training_precision, evaluate, keep_freed_memory, make_optimizer, train_step
 from training.tasks import TASKS
 from training.tensorboard import TensorBoardLog
 from training.windows import EpochStream, Lanes, windows
@@ -251,7 +251,7 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 def _agree_precision(requested, module, window, state, device, world, rank, metrics_log) -> str:
     """One precision for every rank: bf16 only if every rank chose it."""
-    precision, why = choose_precision(requested, module, window, state, device)
+    precision, why = choose_training_precision(requested, module, window, state, device)
     if world > 1:
         flag = torch.tensor([1.0 if precision == "bf16" else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
