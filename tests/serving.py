@@ -69,10 +69,12 @@ def sse(response: requests.Response) -> list:
     return events
 
 
-def start_serve(*args, env: dict | None = None, ready: str = "charrnn serve: serving") -> tuple[subprocess.Popen, list]:
-    """`charrnn serve ARGS` in its own process, once a line of its output starts with `ready`: (the
-    process, its output lines, stderr included, which a thread goes on reading so that Ray's logs
-    never fill the pipe). Fails if it exits before."""
+def start_serve(*args, env: dict | None = None) -> tuple[subprocess.Popen, list]:
+    """`charrnn serve ARGS` in its own process, once it has printed the last line of its start-up
+    (the metrics URL, after the serving line and the example commands): (the process, its output
+    lines, stderr included, which a thread goes on reading so that Ray's logs never fill the
+    pipe). Fails if it exits before."""
+    ready = "  Prometheus metrics:"
     proc = subprocess.Popen([sys.executable, "-m", "charrnn", "serve", *map(str, args)], cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

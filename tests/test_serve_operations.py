@@ -32,7 +32,7 @@ def server(run_dir):
     name, port = f"story-{uuid.uuid4().hex[:8]}", free_port()
     limits = [f"--{k.replace('_', '-')}={v}" for k, v in {**LIMITS, "max_sessions": 1, "max_chars": MAX_CHARS}.items()]
     proc, lines = start_serve("--model", run_dir, "--port", port, "--num-cpus", 2, "--name", name, *limits,
-                              env={"CHARRNN_API_KEY": KEY}, ready="  Prometheus metrics:")
+                              env={"CHARRNN_API_KEY": KEY})
     try:
         metrics_url = next(line for line in lines if line.startswith("  Prometheus metrics:")).split()[-1]
         yield f"http://127.0.0.1:{port}", metrics_url, name
