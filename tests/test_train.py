@@ -323,7 +323,7 @@ def test_a_training_thread_in_a_ray_worker_does_not_refault_its_buffers(ray_loca
         faults = []
 
         def steps():
-            for _ in range(9):
+            for _ in range(7):
                 before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
                 logits, _ = model(batch[:, :-1])
                 loss = F.cross_entropy(logits.reshape(-1, 83), batch[:, 1:].reshape(-1))
