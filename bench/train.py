@@ -8,6 +8,9 @@ batch 32; seq 100) it runs, one after the other on this machine, each in its own
             times each step with its one-hot encoding and leaves out its first 3 steps
   bare      the limit for the stack: models.CharRNN and training.step.train_step over windows from
             training.windows, the prepared runs held in memory, no Ray
+  bare_beside_ray  the bare loop again, while an idle local Ray (started as `charrnn train` starts
+            it) runs beside it: `bare_beside_ray_vs_bare` is what Ray's own processes cost the loop
+            on this machine, and `stack_vs_bare_beside_ray` what is left to the stack's own work
   stack     `charrnn train --data DS --out RUN --max-steps N ...` as a user runs it: local Ray, Ray
             Train with one worker streaming the prepared dataset through Ray Data
 
@@ -64,18 +67,23 @@ BUSY: list[float] = []  # every foreign_cores() figure
 
 # ------------------------------------------------------------------------------ processes, CPU
 
-def foreign_cores(before: str = "", wait_s: float = 0, threshold: float = 0.2) -> float:
-    """Busy cores of the whole machine over 2 s (call it while nothing of ours runs), kept in BUSY and
-    printed `before` a run. With `wait_s`, sample again until the machine is quieter than `threshold`
-    or `wait_s` has passed."""
+def busy_cores(seconds: float = 2) -> float:
+    """Busy cores of the whole machine over `seconds` (/proc/stat)."""
     def jiffies():
         with open("/proc/stat") as f:
             values = [int(v) for v in f.readline().split()[1:]]
         return sum(values) - values[3] - values[4], sum(values)  # (busy, all); idle and iowait are not busy
+    (b0, t0), _, (b1, t1) = jiffies(), time.sleep(seconds), jiffies()
+    return round((b1 - b0) / max(1, t1 - t0) * os.cpu_count(), 2)
+
+
+def foreign_cores(before: str = "", wait_s: float = 0, threshold: float = 0.2) -> float:
+    """Busy cores of the whole machine over 2 s (call it while nothing of ours runs), kept in BUSY and
+    printed `before` a run. With `wait_s`, sample again until the machine is quieter than `threshold`
+    or `wait_s` has passed."""
     deadline = time.time() + wait_s
     while True:
-        (b0, t0), _, (b1, t1) = jiffies(), time.sleep(2), jiffies()
-        busy = round((b1 - b0) / max(1, t1 - t0) * os.cpu_count(), 2)
+        busy = busy_cores()
         if busy < threshold or time.time() >= deadline:
             BUSY.append(busy)
             if before:
@@ -189,6 +197,32 @@ def bare(cfg: dict, steps: int, warmup: int, data: Path, args, log: Path) -> dic
     return {**steady(got["ends"], got["compute"], warmup, steps, cfg["batch"] * cfg["seq"]),
             "threads": got["threads"], "precision": got["precision"], "precision_why": got["why"],
             "train_loss": round(got["loss"], 4), "process_s": round(wall, 1)}
+
+
+def bare_beside_ray(cfg: dict, steps: int, warmup: int, data: Path, args, log: Path) -> dict:
+    """The bare loop while an idle local Ray runs beside it, started as `charrnn train` starts its own
+    (charrnn.ray_session.connect, dashboard included): what Ray's own processes take from the loop on
+    this machine, before any of the stack's work."""
+    idle_ray = ("import time; from charrnn.ray_session import connect, require_token_for_local_ray; "
+                f"require_token_for_local_ray(); connect(None, {args.num_cpus}); print('up', flush=True); "
+                "time.sleep(10**9)")
+    with open(log.with_suffix(".ray.log"), "w") as out:
+        ray_proc = subprocess.Popen([sys.executable, "-c", idle_ray], stdout=subprocess.PIPE, stderr=out, text=True,
+                                    cwd=REPO, start_new_session=True)
+        try:
+            if ray_proc.stdout.readline().strip() != "up":
+                raise SystemExit(f"the idle local Ray did not start (output in {out.name})")
+            time.sleep(5)  # past Ray's own start-up work
+            cores = busy_cores(5)
+            got = bare(cfg, steps, warmup, data, args, log)
+        finally:
+            ray_proc.send_signal(signal.SIGINT)  # its exit hooks stop the local Ray
+            try:
+                ray_proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(ray_proc.pid, signal.SIGKILL)  # the process group this call created
+                ray_proc.wait()
+    return {**got, "idle_ray_cores": cores}
 
 
 def bare_loop(job: dict) -> None:
@@ -349,9 +383,10 @@ def measure_config(name: str, data: Path, args, bf16: str) -> dict:
     `chars_per_s` and the round figures beside it), and the ratios of the medians against the targets."""
     cfg = CONFIGS[name]
     steps, warmup = (args.seed_steps, args.seed_warmup) if name == "seed" else (args.small_steps, args.small_warmup)
-    rounds: dict[str, list[dict]] = {"baseline": [], "bare": [], "stack": []}
+    sides = {"baseline": baseline, "bare": bare, "bare_beside_ray": bare_beside_ray, "stack": stack}
+    rounds: dict[str, list[dict]] = {kind: [] for kind in sides}
     for _ in range(args.rounds):
-        for kind, measure in (("baseline", baseline), ("bare", bare), ("stack", stack)):
+        for kind, measure in sides.items():
             busy = foreign_cores(f"{name}: {kind}", args.quiet_wait)
             got = {**measure(cfg, steps, warmup, data, args, args.work / f"{name}-{kind}.log"), "foreign_cores": busy}
             rounds[kind].append(got)
@@ -361,7 +396,8 @@ def measure_config(name: str, data: Path, args, bf16: str) -> dict:
         ordered = sorted(got, key=lambda r: r["chars_per_s"])
         entry[kind] = {**ordered[len(ordered) // 2], "rounds_chars_per_s": [r["chars_per_s"] for r in got]}
     targets = {**TARGETS, "stack_vs_baseline": TARGETS_VS_BASELINE[bf16]}
-    for a, b in (("stack", "baseline"), ("stack", "bare"), ("bare", "baseline")):
+    for a, b in (("stack", "baseline"), ("stack", "bare"), ("bare", "baseline"), ("stack", "bare_beside_ray"),
+                 ("bare_beside_ray", "bare")):
         ratio = entry[a]["chars_per_s"] / entry[b]["chars_per_s"]
         entry[f"{a}_vs_{b}"] = round(ratio, 3)
         if args.rounds > 1:
