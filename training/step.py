@@ -121,8 +121,11 @@ def evaluate(model, windows: Iterable[Window], device, state=None, precision: st
 
 
 def make_optimizer(model, lr: float, schedule: str, total_steps: int):
-    """Adam, and a learning-rate schedule: constant, or cosine decay to lr/10 over total_steps."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    """Adam, and a learning-rate schedule: constant, or cosine decay to lr/10 over total_steps.
+    Adam is PyTorch's fused kernel (CPU and CUDA): one pass over each parameter instead of a
+    series of elementwise ops, which is a real share of a small network's step (BENCHMARKS.md,
+    session 20)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     if schedule == "cosine":
         factor = lambda step: 0.1 + 0.45 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     else:
