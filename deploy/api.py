@@ -32,8 +32,8 @@ OPENAI_OFF = {"suffix": (None, ""), "presence_penalty": (None, 0),
 class APIError(Exception):
     """An error answer: HTTP `status` and the body {"error": {"message", "type", "param"}}."""
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "request_too_large", 415: "invalid_request_error",
-             422: "invalid_request_error", 429: "overloaded_error",
+             405: "invalid_request_error", 409: "invalid_request_error", 413: "request_too_large",
+             415: "invalid_request_error", 422: "invalid_request_error", 429: "overloaded_error",
              500: "internal_error", 503: "unavailable_error"}
 
     # Why a request was refused, as the rejections metric counts it (deploy/metrics.py): a few fixed

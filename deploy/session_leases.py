@@ -42,7 +42,7 @@ class Sessions:
         try:
             return decode_state(data, self.model, self.fingerprint)
         except StateError as err:
-            raise APIError(err.status, str(err)) from None
+            raise APIError(err.status, str(err), reason="invalid_state" if err.status == 422 else None) from None
 
     async def create(self, context: Context, length: int) -> dict:
         state = encode_state(context, self.model, self.fingerprint, length)

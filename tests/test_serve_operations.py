@@ -12,6 +12,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, free_port
+from deploy.state_cache import Context
+from deploy.state_format import encode_state
+from models import load_model
 from serving import LIMITS, PRIME, post, sse, start_serve, train_story_model
 
 pytestmark = pytest.mark.slow  # starts `charrnn serve`, with its own local Ray
@@ -59,7 +62,13 @@ def value(metrics: dict, name: str, **labels) -> float:
     return metrics.get((name, frozenset((k, str(v)) for k, v in labels.items())), 0.0)
 
 
-def test_metrics_count_what_was_sent(server):
+def foreign_state(run_dir) -> bytes:
+    """An exported state as another model's server would write it."""
+    model = load_model(run_dir / "model")[0]
+    return encode_state(Context(model.init_state(1), model.head.bias[None].detach()), model, "0" * 64, 5)
+
+
+def test_metrics_count_what_was_sent(server, run_dir):
     url, metrics_url, model = server
     story = "The cat sat on the mat. The dog ran to the park. " * 10
     for _ in range(3):
@@ -69,19 +78,22 @@ def test_metrics_count_what_was_sent(server):
     scored = post(url, "/v1/score", {"text": story}, AUTH)
     assert scored.status_code == 200
     # Refusals: over a limit, a body over max_body_bytes, an unknown field, no key, an unknown
-    # route, a session beyond --max-sessions 1.
+    # route, another model's state, a session beyond --max-sessions 1.
     assert post(url, "/v1/generate", {"prime": PRIME, "max_chars": MAX_CHARS + 1}, AUTH).status_code == 422
     assert post(url, "/v1/generate", {"prime": "x" * LIMITS["max_body_bytes"]}, AUTH).status_code == 413
     assert post(url, "/v1/generate", {"prime": PRIME, "colour": "red"}, AUTH).status_code == 400
     assert post(url, "/v1/generate", {"prime": PRIME}).status_code == 401
     assert requests.get(url + "/nowhere", timeout=60).status_code == 404
+    octets = {**AUTH, "Content-Type": "application/octet-stream"}
+    assert post(url, "/v1/sessions", foreign_state(run_dir), octets).status_code == 422
     session = post(url, "/v1/sessions", {"prime": PRIME}, AUTH).json()["session"]
     assert requests.get(f"{url}/v1/sessions/{session}", headers=AUTH, timeout=60).status_code == 200
     assert post(url, "/v1/sessions", {"prime": PRIME}, AUTH).status_code == 429
 
     expected = {("/v1/generate", "200"): 4, ("/v1/score", "200"): 1, ("/v1/sessions", "429"): 1,
-                ("/v1/generate", "422"): 1, ("/v1/generate", "413"): 1, ("/v1/generate", "400"): 1,
-                ("/v1/generate", "401"): 1, ("unknown", "404"): 1, ("/v1/sessions/{session}", "200"): 1}
+                ("/v1/sessions", "422"): 1, ("/v1/generate", "422"): 1, ("/v1/generate", "413"): 1,
+                ("/v1/generate", "400"): 1, ("/v1/generate", "401"): 1, ("unknown", "404"): 1,
+                ("/v1/sessions/{session}", "200"): 1}
     deadline = time.time() + 180  # Ray's agent exports every few seconds
     while True:
         metrics = scrape(metrics_url, model)
@@ -93,7 +105,7 @@ def test_metrics_count_what_was_sent(server):
         time.sleep(1)
 
     for reason in ("session_limit", "invalid_max_chars", "body_too_large", "invalid_request", "unauthorized",
-                   "not_found"):
+                   "not_found", "invalid_state"):
         assert value(metrics, "charrnn_rejections_total", reason=reason) == 1, reason
     assert value(metrics, "charrnn_sequences_total", finish_reason="length") == 4
     assert value(metrics, "charrnn_chars_total", kind="generated") == 4 * 50

@@ -117,6 +117,7 @@ def test_a_session_is_one_request_at_a_time(server):
         next(line for line in lines if line.startswith(b"data:"))  # it holds the session now
         clash = generate_status(server, session=sid)
         assert clash.status_code == 409 and clash.headers["Retry-After"] == "1", clash.text
+        assert clash.json()["error"]["type"] == "invalid_request_error"
         for _ in lines:
             pass
     assert generate_status(server, session=sid).status_code == 200
