@@ -153,12 +153,37 @@ def remove_app(args, local: bool) -> None:
 def _run_serve(args) -> int:
     from ray import serve
 
+    task, app = _application(args)
+    local = is_local(args.address)
+    if local:
+        _prepare_this_machine(args, task)
+    deployed = False
+    try:
+        connect(args.address, args.num_cpus)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        try:
+            deploy_app(app, args)
+        except AppTaken as err:
+            raise CommandError(str(err))
+        deployed = True
+        _announce(args, task, local)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("charrnn serve: shutting down", file=sys.stderr, flush=True)
+    finally:
+        if deployed or local:
+            remove_app(args, local)
+    return 0
+
+
+def _application(args):
+    """(the model's task, its Serve application built from the options), or a one-line error."""
     from deploy import source
     from deploy.app import build_app
     from deploy.ingress import api_key_digest, parse_autoscale
     from deploy.limits import LIMIT_NAMES, limits_for
     from deploy.series_app import build_series_app
-    from storage import public_location
 
     try:
         task = source.task(source.resolve(args.model))
@@ -175,56 +200,46 @@ def _run_serve(args) -> int:
             api_key_sha256=api_key_digest(args.api_key) if args.api_key else None, **text_only)
     except ValueError as err:  # ModelFolderError is one too: it names the folder
         raise CommandError(str(err))
-    local = is_local(args.address)
-    if local and task == "text" and not args.gpu and args.precision != "auto":  # replicas decode on this CPU
-        import torch
+    return task, app
 
+
+def _prepare_this_machine(args, task: str) -> None:
+    """A local Ray runs the replicas and the proxy on this machine: refuse, before starting it, a
+    precision its CPU cannot decode in or a port already taken; and have the proxy answer 503, not
+    a bare 500, when a replica dies holding a request."""
+    if task == "text" and not args.gpu and args.precision != "auto":
         from models import require_precision
 
-        require_precision(args.precision, torch.device("cpu"))
-    if local:  # the proxy will run on this machine: say so now if the port is taken
-        try:
-            with socket.create_server((args.host, args.port)):
-                pass
-        except OSError as err:
-            raise CommandError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
-
-    if local:  # the local Ray's proxy answers 503, not a bare 500, when a replica dies holding a request
-        from deploy.proxy import PROXY_ENV
-
-        for key, value in PROXY_ENV.items():
-            os.environ.setdefault(key, value)
-    deployed = False
+        require_precision(args.precision, "cpu")
     try:
-        connect(args.address, args.num_cpus)
-        serve.start(http_options={"host": args.host, "port": args.port})
-        try:
-            deploy_app(app, args)
-        except AppTaken as err:
-            raise CommandError(str(err))
-        deployed = True
-        url = f"http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}"
-        print(f"charrnn serve: serving {public_location(args.model)} at {url} "
-              f"({f'autoscaling {args.autoscale}' if autoscale else f'{args.replicas} replica(s)'}); Ctrl-C stops",
-              flush=True)
-        curl = "curl -s -H 'Content-Type: application/json'" + \
-            (f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if args.api_key else "")
-        if task == "series":
-            print(f"  {curl} {url}/v1/forecast -d '{{\"history\": [0.0, 0.1, 0.2], \"steps\": 10}}'", flush=True)
-        else:
-            print(f"  {curl} {url}/v1/generate -d '{{\"prime\": \"The \", \"max_chars\": 200, \"seed\": 1}}'\n"
-                  f"  charrnn query --url {url} --prime 'The ' --stream\n"
-                  f"  playground (in a browser): {url}/", flush=True)
-        print(f"  Prometheus metrics: {_metrics_url() if local else 'every node of the cluster (docs/cluster.md)'}",
-              flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("charrnn serve: shutting down", file=sys.stderr, flush=True)
-    finally:
-        if deployed or local:
-            remove_app(args, local)
-    return 0
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as err:
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}")
+    from deploy.proxy import PROXY_ENV
+
+    for key, value in PROXY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _announce(args, task: str, local: bool) -> None:
+    """Where it serves, a request to try, and where its metrics are."""
+    from storage import public_location
+
+    url = f"http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}"
+    print(f"charrnn serve: serving {public_location(args.model)} at {url} "
+          f"({f'autoscaling {args.autoscale}' if args.autoscale else f'{args.replicas} replica(s)'}); Ctrl-C stops",
+          flush=True)
+    curl = "curl -s -H 'Content-Type: application/json'" + \
+        (f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if args.api_key else "")
+    if task == "series":
+        print(f"  {curl} {url}/v1/forecast -d '{{\"history\": [0.0, 0.1, 0.2], \"steps\": 10}}'", flush=True)
+    else:
+        print(f"  {curl} {url}/v1/generate -d '{{\"prime\": \"The \", \"max_chars\": 200, \"seed\": 1}}'\n"
+              f"  charrnn query --url {url} --prime 'The ' --stream\n"
+              f"  playground (in a browser): {url}/", flush=True)
+    print(f"  Prometheus metrics: {_metrics_url() if local else 'every node of the cluster (docs/cluster.md)'}",
+          flush=True)
 
 
 def _metrics_url() -> str:

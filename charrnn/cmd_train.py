@@ -78,11 +78,9 @@ def _run_train(args) -> int:
 
     asked = vars(args)  # options not given are absent: a resumed run keeps its own
     if asked.get("precision") == "bf16" and not asked.get("gpu") and is_local(args.address):  # workers: this CPU
-        import torch
-
         from models import require_precision
 
-        require_precision("bf16", torch.device("cpu"))
+        require_precision("bf16", "cpu")
     fields = TrainConfig.__dataclass_fields__
     options = {k: v for k, v in vars(args).items() if k in fields}
     summary = train(args.data or [], args.out, options, resume=args.resume,

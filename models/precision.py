@@ -48,8 +48,9 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def require_precision(precision: str, device: torch.device) -> None:
+def require_precision(precision: str, device: torch.device | str) -> None:
     """Raise PrecisionError unless `precision` (fp32 or bf16) can run on `device`."""
+    device = torch.device(device)
     if precision not in ("fp32", "bf16"):
         raise PrecisionError(f"precision must be fp32 or bf16, got {precision!r}")
     if precision == "bf16" and not bf16_runs(device):

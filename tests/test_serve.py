@@ -664,6 +664,12 @@ def test_serve_cli_rejects_bad_options(run_dir, capsys, args, words):
     assert words in cli_error(capsys, "serve", *full)
 
 
+def test_serve_cli_refuses_a_taken_port_before_starting_ray(run_dir, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert f"cannot listen on 127.0.0.1:{port}" in cli_error(capsys, "serve", "--model", run_dir, "--port", port)
+
+
 def test_serve_cli_end_to_end(run_dir):
     """`charrnn serve` in its own process (its own local Ray): answers, then stops cleanly on SIGTERM
     (what systemd, Docker and Kubernetes send), every process it started with it."""
