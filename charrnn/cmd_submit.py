@@ -64,42 +64,9 @@ def _note(message: str) -> None:
 
 
 def _run_submit(args) -> int:
-    command = list(args.command)
-    if command[:1] == ["--"]:
-        command = command[1:]
-    if not command:
-        raise CommandError("no command to run: charrnn submit [options] -- COMMAND [ARGS...], e.g. -- train --data ...")
-    if command[0] == "submit":
-        raise CommandError("`submit` runs here, not as a job; give the command to run on the cluster")
-    # Check the command here, with the same parser the job will use, before anything is uploaded:
-    # a typo fails now, with argparse's usage message and exit code 2.
-    inner = args.parser.parse_args(command)
-    _warn_relative_paths(inner)
-
-    working_dir = None
-    if not args.no_working_dir:
-        working_dir = Path(args.working_dir).expanduser().resolve()
-        if not working_dir.is_dir():
-            raise CommandError(f"--working-dir {args.working_dir} is not a folder")
-        if not (working_dir / "charrnn" / "__main__.py").is_file():
-            _note(f"{working_dir} holds no charrnn/ package: the job runs the charrnn installed on the cluster")
-
-    import ray.job_submission  # noqa: F401  (before the next line: importing it sets its logger to INFO)
-    from ray.exceptions import AuthenticationError
-
-    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed ..."
-    address = args.address
-    try:
-        client = _client(address)
-        runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES} if working_dir else {}
-        entrypoint = f"{ENTRYPOINT} {shlex.join(command)}"
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                   metadata={"charrnn_command": command[0]})
-    except AuthenticationError as err:
-        raise CommandError(_auth_message(err, client_address(address)))
-    except (ConnectionError, RuntimeError, ValueError, OSError) as err:
-        raise CommandError(_one_line(err))
-
+    command = _checked_command(args)
+    working_dir = _working_dir(args)
+    client, job_id, entrypoint = _submit(args.address, command, working_dir)
     url = client.get_address()
     if args.no_wait:
         print(job_id, flush=True)
@@ -110,6 +77,59 @@ def _run_submit(args) -> int:
 
     _note(redact_uris(f"submitted job {job_id} to {url}: {entrypoint}"))
     _note("following its logs; Ctrl-C stops the job")
+    return _follow(client, job_id, url)
+
+
+def _checked_command(args) -> list[str]:
+    """The charrnn command to run as the job, checked here with the same parser the job will use,
+    before anything is uploaded: a typo fails now, with argparse's usage message and exit code 2."""
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise CommandError("no command to run: charrnn submit [options] -- COMMAND [ARGS...], e.g. -- train --data ...")
+    if command[0] == "submit":
+        raise CommandError("`submit` runs here, not as a job; give the command to run on the cluster")
+    _warn_relative_paths(args.parser.parse_args(command))
+    return command
+
+
+def _working_dir(args) -> Path | None:
+    """The folder to upload as the job's working directory, or None (--no-working-dir)."""
+    if args.no_working_dir:
+        return None
+    working_dir = Path(args.working_dir).expanduser().resolve()
+    if not working_dir.is_dir():
+        raise CommandError(f"--working-dir {args.working_dir} is not a folder")
+    if not (working_dir / "charrnn" / "__main__.py").is_file():
+        _note(f"{working_dir} holds no charrnn/ package: the job runs the charrnn installed on the cluster")
+    return working_dir
+
+
+def _submit(address: str | None, command: list[str], working_dir: Path | None):
+    """(the job client, the job's id, its entrypoint) once the job is submitted."""
+    import ray.job_submission  # noqa: F401  (before the next line: importing it sets its logger to INFO)
+    from ray.exceptions import AuthenticationError
+
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed ..."
+    try:
+        client = _client(address)
+        runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES} if working_dir else {}
+        entrypoint = f"{ENTRYPOINT} {shlex.join(command)}"
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                   metadata={"charrnn_command": command[0]})
+    except AuthenticationError as err:
+        raise CommandError(_auth_message(err, client_address(address)))
+    except (ConnectionError, RuntimeError, ValueError, OSError) as err:
+        raise CommandError(_one_line(err))
+    return client, job_id, entrypoint
+
+
+def _follow(client, job_id: str, url: str) -> int:
+    """Print the job's logs until it ends, and return the exit code that says how it ended; Ctrl-C
+    stops the job (130)."""
+    from ray.exceptions import AuthenticationError
+
     try:
         _follow_logs(client, job_id)
         info = _wait_terminal(client, job_id)
