@@ -52,7 +52,7 @@ def resolve_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
     try:
         return pafs.FileSystem.from_uri(location)
-    except (pafs.ArrowInvalid, ValueError, OSError) as err:  # unknown scheme, bad bucket, ...
+    except (ValueError, OSError) as err:  # unknown scheme (pyarrow's ArrowInvalid is a ValueError), bad bucket, ...
         raise StorageError(f"cannot open {public_location(location)}: {redact_uris(str(err))}") from None
 
 

@@ -52,6 +52,8 @@ def _run_quickstart(args) -> int:
 
     if args.minutes <= 0:
         raise CommandError("--minutes must be > 0")
+    if not 0 < args.port < 65536:
+        raise CommandError(f"--port must be in 1..65535, got {args.port}")
     try:
         with socket.create_server(("127.0.0.1", args.port)):
             pass

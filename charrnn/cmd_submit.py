@@ -52,7 +52,8 @@ def add_commands(sub) -> None:
                        help="upload nothing: run the charrnn installed on the cluster's nodes")
     p.add_argument("--no-wait", action="store_true",
                    help="print the job's submission ID and return at once, leaving the job running")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
+    # Not `command`: the subcommand's own name is kept there, and errors are prefixed with it.
+    p.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
                    help="the charrnn command to run, after `--`, e.g. `-- train --data s3://b/ds --out /shared/run`")
     p.set_defaults(handler=_run_submit)
 
@@ -83,7 +84,7 @@ def _run_submit(args) -> int:
 def _checked_command(args) -> list[str]:
     """The charrnn command to run as the job, checked here with the same parser the job will use,
     before anything is uploaded: a typo fails now, with argparse's usage message and exit code 2."""
-    command = list(args.command)
+    command = list(args.job_command)
     if command[:1] == ["--"]:
         command = command[1:]
     if not command:

@@ -48,7 +48,7 @@ def add_commands(sub) -> None:
     opt("--val-max-tokens", type=int, help=f"validation tokens per evaluation, at most (default {d.val_max_tokens:,})")
     opt("--checkpoint-every", type=int, help=f"checkpoint every N steps, and at the end (default {d.checkpoint_every})")
     opt("--log-every", type=int, help=f"print progress every N steps (default {d.log_every})")
-    opt("--tensorboard", metavar="DIR", type=os.path.abspath,
+    opt("--tensorboard", metavar="DIR", type=_local_folder,
         help="also write TensorBoard event files (loss, validation loss, bits per char, chars/s, learning rate) "
              "into this local folder, on the node of worker 0 (`tensorboard --logdir DIR`)")
     opt("--seed", type=int, help=f"random seed: initial weights, dropout, data order (default {d.seed})")
@@ -69,6 +69,14 @@ def add_commands(sub) -> None:
                         "checkpoints and errors only)")
     add_address_option(p)
     p.set_defaults(handler=_run_train)
+
+
+def _local_folder(value: str) -> str:
+    """--tensorboard's folder, made absolute (Ray's workers run elsewhere); a URI is refused here,
+    before abspath would turn it into a local folder named after it."""
+    if "://" in value:
+        raise argparse.ArgumentTypeError(f"takes a local folder, got {value!r}")
+    return os.path.abspath(value)
 
 
 def _run_train(args) -> int:

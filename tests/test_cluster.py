@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, alive, descendants, free_port, free_ports, write_story_corpus
+from conftest import REPO, alive, descendants, error_line, free_port, free_ports, run_cli, write_story_corpus
 
 pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
 
@@ -246,3 +246,8 @@ def test_a_local_ray_asks_for_its_token(tmp_path):
     finally:
         proc.stdin.close()
         assert proc.wait(timeout=120) == 0
+
+
+def test_submit_errors_name_the_submit_command():
+    assert error_line(run_cli("submit")).startswith("charrnn submit: error: no command to run")
+    assert error_line(run_cli("submit", "--", "submit")).startswith("charrnn submit: error: `submit` runs here")

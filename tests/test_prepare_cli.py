@@ -46,6 +46,7 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
     assert "input not found: nope.txt" in error_line(run_cli("prepare", "nope.txt", "--out", tmp_path / "ds"))
     assert "--val-fraction" in error_line(run_cli("prepare", "x", "--out", tmp_path / "ds", "--val-fraction", "1.5"))
     assert "not a prepared dataset" in error_line(run_cli("verify", tmp_path))
+    assert "cannot open foo://x: Unrecognized filesystem" in error_line(run_cli("verify", "foo://x"))
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
     line = error_line(run_cli("prepare", tmp_path / "bad.txt", "--out", tmp_path / "ds", "--num-cpus", "1"))
     assert f"invalid UTF-8 in {tmp_path}/bad.txt at byte 3" in line

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, alive, descendants, free_port, write_story_corpus
+from conftest import REPO, alive, descendants, error_line, free_port, run_cli, write_story_corpus
 from models import load_model
 
 pytestmark = pytest.mark.slow  # starts Ray Train, Serve or a cluster: not in the fast tier
@@ -48,3 +48,8 @@ def test_quickstart_trains_serves_prints_samples_and_stops_whole_on_sigterm(tmp_
     steps = [r for r in records if "loss" in r]
     assert "val_loss" in steps[-1] and steps[-1]["epoch"] < 10
     assert json.loads((out / "data" / "manifest.json").read_text())["vocab"]["size"] <= 129
+
+
+def test_a_port_out_of_range_is_a_one_line_error(tmp_path):
+    line = error_line(run_cli("quickstart", "--out", tmp_path / "qs", "--port", "70000"))
+    assert "--port must be in 1..65535, got 70000" in line and not (tmp_path / "qs").exists()

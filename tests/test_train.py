@@ -362,8 +362,12 @@ def test_a_torn_last_metrics_line_breaks_neither_resume_nor_the_plot(tmp_path):
     assert [json.loads(l)["step"] for l in (tmp_path / METRICS).read_text().splitlines()] == [1, 2, 3, 4, 5]
 
 
-def test_tensorboard_takes_a_local_folder():
+def test_tensorboard_takes_a_local_folder(tmp_path):
+    from conftest import error_line, run_cli
     from training.config import TrainConfig
 
     with pytest.raises(TrainingError, match="--tensorboard takes a local folder, got 's3://b/tb'"):
         TrainConfig(tensorboard="s3://b/tb").validate()
+    # On the command line too, before it could be made a local path ("s3:/b/tb") and training begin.
+    line = error_line(run_cli("train", "--data", "x", "--out", "run", "--tensorboard", "s3://b/tb", cwd=tmp_path))
+    assert "--tensorboard: takes a local folder, got 's3://b/tb'" in line and not list(tmp_path.iterdir())
